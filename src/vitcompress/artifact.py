@@ -1,0 +1,204 @@
+"""Saved artifacts: a model's tensors in one safetensors file plus a JSON recipe to rebuild it.
+
+Quantized tensors are written as what they are, integer arrays (``int8``) with
+their scales and zero points, so the file's bytes are the model's real size
+and a reader can check the storage dtype. Nothing is pickled: loading rebuilds
+the module structure from ``meta.json`` (the model spec and each method step's
+``restore``) and fills it with plain tensors, so an artifact cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import VitcompressError
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+_SEP = "::"
+
+
+def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:
+    if torch.is_tensor(value) and value.is_quantized:
+        value = value.detach().cpu()
+        tensors[key + _SEP + "int"] = value.int_repr().contiguous()
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            tensors[key + _SEP + "scale"] = value.q_per_channel_scales().to(torch.float32).contiguous()
+            # A zero point lies in the integer range of the values, so it fits their own dtype.
+            zps = value.q_per_channel_zero_points()
+            tensors[key + _SEP + "zero_point"] = zps.to(value.int_repr().dtype).contiguous()
+            layout[key] = {"kind": "qtensor_per_channel", "dtype": str(value.dtype), "axis": value.q_per_channel_axis()}
+        else:
+            tensors[key + _SEP + "scale"] = torch.tensor([value.q_scale()], dtype=torch.float64)
+            tensors[key + _SEP + "zero_point"] = torch.tensor([value.q_zero_point()], dtype=torch.int32)
+            layout[key] = {"kind": "qtensor_per_tensor", "dtype": str(value.dtype)}
+    elif torch.is_tensor(value):
+        tensors[key] = value.detach().cpu().contiguous()  # plain tensors need no layout entry
+    elif isinstance(value, (tuple, list)):
+        layout[key] = {"kind": "tuple" if isinstance(value, tuple) else "list", "len": len(value)}
+        for i, item in enumerate(value):
+            _flatten(f"{key}{_SEP}{i}", item, tensors, layout)
+    elif value is None:
+        layout[key] = {"kind": "none"}
+    elif isinstance(value, torch.dtype):
+        layout[key] = {"kind": "dtype", "value": str(value)}
+    else:
+        raise TypeError(f"cannot save state entry {key} of type {type(value).__name__}")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise VitcompressError(f"artifact names unknown dtype {name}; it was not written by this vitcompress")
+    return dtype
+
+
+def _unflatten(key: str, layout: dict[str, Any], f: Any) -> Any:
+    entry = layout.get(key, {"kind": "tensor"})
+    kind = entry["kind"]
+    if kind == "tensor":
+        return f.get_tensor(key)
+    if kind == "qtensor_per_tensor":
+        ints = f.get_tensor(key + _SEP + "int")
+        scale = float(f.get_tensor(key + _SEP + "scale")[0])
+        zp = int(f.get_tensor(key + _SEP + "zero_point")[0])
+        return _make_q(ints, entry["dtype"], scale=scale, zero_point=zp)
+    if kind == "qtensor_per_channel":
+        ints = f.get_tensor(key + _SEP + "int")
+        scales = f.get_tensor(key + _SEP + "scale").to(torch.float64)
+        zps = f.get_tensor(key + _SEP + "zero_point").to(torch.int64)
+        return _make_q(ints, entry["dtype"], scales=scales, zero_points=zps, axis=int(entry["axis"]))
+    if kind in ("tuple", "list"):
+        items = [_unflatten(f"{key}{_SEP}{i}", layout, f) for i in range(int(entry["len"]))]
+        return tuple(items) if kind == "tuple" else items
+    if kind == "none":
+        return None
+    if kind == "dtype":
+        return _dtype(entry["value"])
+    raise VitcompressError(f"artifact entry {key} has unknown kind {kind!r}; it was not written by this vitcompress")
+
+
+def _make_q(ints: torch.Tensor, dtype_name: str, **q: Any) -> torch.Tensor:
+    # Re-quantize the exact integers: dequantize with the stored scales, then quantize back;
+    # integers are recovered exactly because (int - zp) * scale / scale rounds to int.
+    dtype = _dtype(dtype_name)
+    if "scales" in q:
+        real = (ints.to(torch.float64) - q["zero_points"].view(_axis_shape(ints, q["axis"]))) * q["scales"].view(
+            _axis_shape(ints, q["axis"])
+        )
+        out = torch.quantize_per_channel(real.float(), q["scales"], q["zero_points"], q["axis"], dtype)
+    else:
+        real = (ints.to(torch.float64) - q["zero_point"]) * q["scale"]
+        out = torch.quantize_per_tensor(real.float(), q["scale"], q["zero_point"], dtype)
+    if not torch.equal(out.int_repr(), ints):
+        raise VitcompressError("artifact's integer weights did not round-trip; the file may be corrupt, re-create it")
+    return out
+
+
+def _axis_shape(t: torch.Tensor, axis: int) -> list[int]:
+    shape = [1] * t.dim()
+    shape[axis] = -1
+    return shape
+
+
+def save_artifact(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/meta.json``; return the weights file.
+
+    Both files are written to temporary names and renamed, so a crash never leaves
+    a half-written artifact under the final name.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    layout: dict[str, Any] = {}
+    for key, value in model.state_dict().items():
+        _flatten(key, value, tensors, layout)
+    _dedupe_shared(tensors)
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"vitcompress_layout": json.dumps(layout)})
+    os.replace(tmp, out / WEIGHTS_FILE)
+    tmp_meta = out / (META_FILE + ".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp_meta, out / META_FILE)
+    return out / WEIGHTS_FILE
+
+
+def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> None:
+    # safetensors refuses tensors that share memory; give each its own copy.
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen:
+            tensors[key] = t.clone()
+        elif ptr != -1:
+            seen.add(ptr)
+
+
+def read_meta(art_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(art_dir) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VitcompressError(f"{art_dir} is not a vitcompress artifact (no {META_FILE}); pass an artifact folder") from None
+    except json.JSONDecodeError as exc:
+        raise VitcompressError(f"{path} is corrupt ({exc.msg}); delete the artifact folder and re-run the study") from None
+
+
+def read_state(art_dir: str | os.PathLike) -> dict[str, Any]:
+    """The state dict stored in an artifact, quantized tensors rebuilt."""
+    path = Path(art_dir) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            layout = json.loads((f.metadata() or {})["vitcompress_layout"])
+            keys = set(layout) | set(f.keys())
+            return {key: _unflatten(key, layout, f) for key in sorted(keys) if _SEP not in key}
+    except VitcompressError:
+        raise
+    except FileNotFoundError:
+        raise VitcompressError(f"{path} is missing; re-run the study to re-create the artifact") from None
+    except Exception as exc:
+        raise VitcompressError(
+            f"cannot read {path} ({type(exc).__name__}); the file is corrupt or truncated: delete it and re-run"
+        ) from None
+
+
+def load_artifact(art_dir: str | os.PathLike) -> nn.Module:
+    """Rebuild the model saved in ``art_dir``: structure from meta.json, tensors from safetensors."""
+    from .methods import get_method, parse_config
+    from .models import ModelSpec, create_model
+
+    meta = read_meta(art_dir)
+    spec_data = dict(meta["model"])
+    spec_data["pretrained"] = False
+    spec_data["checkpoint"] = None
+    model = create_model(ModelSpec(**spec_data))
+    for i, step in enumerate(meta.get("steps", [])):
+        method = get_method(step["method"])
+        if method.restore is not None:
+            cfg = parse_config(step["method"], step["config"], f"{art_dir}/meta.json steps[{i}]")
+            model = method.restore(model, cfg, step.get("meta", {}))
+    state = OrderedDict(read_state(art_dir))
+    # Module versions steer how quantized modules read their entries; they are not in the file
+    # (nothing but tensors is), so take them from the freshly rebuilt structure.
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise VitcompressError(
+            f"artifact {art_dir} does not match its own meta.json ({str(exc).splitlines()[0]}); delete it and re-run"
+        ) from None
+    return model.eval()
+
+
+def size_on_disk(art_dir: str | os.PathLike) -> int:
+    """Bytes of the saved weights file (what a user ships), read from the file system."""
+    return (Path(art_dir) / WEIGHTS_FILE).stat().st_size

@@ -1,0 +1,121 @@
+"""The ``vitcompress`` command: a thin layer over the library.
+
+Each subcommand parses its arguments, calls the public API and prints. Errors
+that the user can fix are one line on stderr and exit code 2; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import VitcompressError
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .report import render_terminal_table
+    from .study import load_recipe, run_study
+
+    recipe = load_recipe(args.recipe)
+    console = Console(stderr=False)
+    result = run_study(recipe, args.out, data_root=args.data_root, download=args.download or None,
+                       progress=not args.no_progress, debug=args.debug)
+    console.print(render_terminal_table(result.rows))
+    console.print(f"report: {result.report['report']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "results.jsonl").exists():
+        raise VitcompressError(f"{run_dir} has no results.jsonl; pass a run folder made by `vitcompress study`")
+    paths = write_report(run_dir)
+    print(f"report: {paths['report']}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .methods import list_methods
+    from .models import PRESETS
+    from .study import bundled_recipes
+
+    print("methods:")
+    for m in list_methods():
+        print(f"  {m.name:<16} {m.family:<14} {m.summary}")
+    print("model presets (any timm ViT/DeiT name works too):")
+    for name, (_, text) in PRESETS.items():
+        print(f"  {name:<16} {text}")
+    print("recipes:", ", ".join(bundled_recipes()))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .study import load_recipe
+
+    for item in args.recipes:
+        r = load_recipe(item)
+        print(f"{item}: ok ({len(r.experiments) + 1} rows: {r.baseline.name}, "
+              f"{', '.join(e.name for e in r.experiments) or 'no experiments'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitcompress", description="Compress Vision Transformers and measure the result.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and stop at the first failed experiment")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("study", help="run or resume a study (default recipe: quick)")
+    s.add_argument("recipe", nargs="?", default="quick", help="bundled recipe name or path to a YAML recipe")
+    s.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    s.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    s.add_argument("--download", action="store_true", help="download the dataset when online")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_study)
+
+    r = sub.add_parser("report", help="re-render report.md, results.csv and plots from a run folder")
+    r.add_argument("run_dir")
+    r.set_defaults(func=_cmd_report)
+
+    ls = sub.add_parser("list", help="list methods, model presets and bundled recipes")
+    ls.set_defaults(func=_cmd_list)
+
+    v = sub.add_parser("validate", help="check recipes without running them")
+    v.add_argument("recipes", nargs="+")
+    v.set_defaults(func=_cmd_validate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        # torch.ao's quantized tensors warn that they are deprecated on every use; the CLI's
+        # output is a report, not a log, and the Python API still shows the warning.
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    try:
+        return int(args.func(args) or 0)
+    except VitcompressError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished rows are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

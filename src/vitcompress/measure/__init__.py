@@ -1,0 +1,227 @@
+"""One way to measure every artifact: accuracy, speed, size, parameters, MACs.
+
+No method grades itself: the study hands each finished model to
+:func:`measure_model`, which times it the same way whatever it is (fixed thread
+count, warm-up, ``perf_counter``, CUDA synchronize, median of repeats) and reads
+its size from the saved file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import check
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    batch_size: int = 16
+    threads: int | None = None  # None: every core this process may use
+    warmup: int = 3
+    repeats: int = 7
+    min_repeat_seconds: float = 0.2  # each repeat runs enough batches to last this long
+    latency_samples: int = 50
+    eval_batch_size: int = 256
+    gpu: bool = True  # measure on CUDA when a GPU is present
+    test_subset: int | None = None  # evaluate on the first N test images (tests only; reports show N)
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "measure.batch_size must be >= 1")
+        check(self.threads is None or self.threads >= 1, "measure.threads must be >= 1 or null")
+        check(self.repeats >= 1 and self.warmup >= 0, "measure.repeats must be >= 1 and warmup >= 0")
+        check(self.latency_samples >= 2, "measure.latency_samples must be >= 2")
+        check(self.test_subset is None or self.test_subset >= 1, "measure.test_subset must be >= 1 or null")
+
+    def resolved_threads(self) -> int:
+        return self.threads or len(os.sched_getaffinity(0))
+
+
+class _Threads:
+    """Fix torch's intra-op thread count for a block, then put it back."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+def uses_integer_kernels(model: nn.Module) -> bool:
+    """True when the model holds modules whose matmuls run in integer arithmetic.
+
+    PyTorch's quantized modules (dynamic or static) execute fbgemm/oneDNN int8
+    kernels; fake-quant and float modules do not, however their weights look.
+    """
+    for mod in model.modules():
+        name = type(mod).__module__
+        if name.startswith(("torch.ao.nn.quantized", "torch.nn.quantized")) and hasattr(mod, "_packed_params"):
+            return True
+    return False
+
+
+def can_run_on_cuda(model: nn.Module) -> bool:
+    # PyTorch's int8 quantized modules have CPU kernels only.
+    return not uses_integer_kernels(model)
+
+
+@torch.inference_mode()
+def evaluate_accuracy(model: nn.Module, test_ds: Any, *, img_size: int, in_chans: int, batch_size: int = 256,
+                      device: str = "cpu", progress: bool = False, desc: str = "eval") -> dict[str, Any]:
+    """Top-1 (and top-5 with more than 10 classes) in percent over the whole of ``test_ds``."""
+    from tqdm.auto import tqdm
+
+    from ..data import make_loader
+
+    model.eval()
+    loader = make_loader(test_ds, batch_size, train=False, img_size=img_size, in_chans=in_chans)
+    num_classes = test_ds.info.num_classes
+    top1 = top5 = n = 0
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, mininterval=1.0):
+        logits = model(x.to(device))
+        y = y.to(device)
+        top1 += (logits.argmax(-1) == y).sum().item()
+        if num_classes > 10:
+            k = logits.topk(5, dim=-1).indices
+            top5 += (k == y[:, None]).any(-1).sum().item()
+        n += len(y)
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n if num_classes > 10 else None, "n_test": n}
+
+
+def _time_calls(fn: Callable[[], Any], warmup: int, repeats: int, min_seconds: float,
+                sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds per call, one number per repeat (each repeat loops until ``min_seconds``)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    # Calibrate how many calls make one repeat last min_seconds.
+    t = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - t, 1e-6)
+    inner = max(1, int(min_seconds / once))
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        out.append((time.perf_counter() - t) / inner)
+    return out
+
+
+@torch.inference_mode()
+def cpu_speed(model: nn.Module, example: torch.Tensor, cfg: MeasureConfig) -> dict[str, float]:
+    """Throughput at ``cfg.batch_size`` and at batch 1, and batch-1 latency percentiles, on CPU."""
+    model = model.cpu().eval()
+    batch = _repeat_to(example, cfg.batch_size)
+    one = example[:1]
+    with _Threads(cfg.resolved_threads()):
+        per_batch = _time_calls(lambda: model(batch), cfg.warmup, cfg.repeats, cfg.min_repeat_seconds)
+        per_one = _time_calls(lambda: model(one), cfg.warmup, cfg.repeats, cfg.min_repeat_seconds)
+        lat = []
+        for _ in range(cfg.latency_samples):
+            t = time.perf_counter()
+            model(one)
+            lat.append(time.perf_counter() - t)
+    lat.sort()
+    return {
+        "cpu_img_s": cfg.batch_size / statistics.median(per_batch),
+        "cpu_img_s_b1": 1.0 / statistics.median(per_one),
+        "latency_ms_p50": 1e3 * _percentile(lat, 50),
+        "latency_ms_p95": 1e3 * _percentile(lat, 95),
+    }
+
+
+@torch.inference_mode()
+def gpu_speed(model: nn.Module, example: torch.Tensor, cfg: MeasureConfig) -> float | None:
+    """Images/s on CUDA at ``cfg.batch_size``, or None when there is no GPU or no CUDA kernel for the model."""
+    if not (cfg.gpu and torch.cuda.is_available() and can_run_on_cuda(model)):
+        return None
+    dev_model = copy.deepcopy(model).cuda().eval()
+    batch = _repeat_to(example, cfg.batch_size).cuda()
+    per_batch = _time_calls(lambda: dev_model(batch), cfg.warmup, cfg.repeats, cfg.min_repeat_seconds,
+                            sync=torch.cuda.synchronize)
+    dev_model.cpu()
+    torch.cuda.empty_cache()
+    return cfg.batch_size / statistics.median(per_batch)
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int | None:
+    """Multiply-accumulates for one image, from torch's FlopCounterMode (FLOPs / 2).
+
+    Quantized modules are invisible to the counter; call this on the float model
+    that a quantization step started from (quantization keeps the MAC count).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.cpu().eval()(example[:1])
+    flops = counter.get_total_flops()
+    return int(flops // 2) if flops else None
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of a float model, counting the weights packed inside quantized modules too."""
+    total = sum(p.numel() for p in model.parameters())
+    for mod in model.modules():
+        if hasattr(mod, "_packed_params") and hasattr(mod, "_weight_bias"):
+            w, b = mod._weight_bias()
+            total += w.numel() + (b.numel() if b is not None else 0)
+    return total
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores_available": len(os.sched_getaffinity(0)),
+        "threads": threads,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "quantized_engine": torch.backends.quantized.engine,
+    }
+
+
+def runtime_name(model: nn.Module) -> str:
+    """The runtime whose speed the CPU columns report."""
+    return "torch-eager-cpu"
+
+
+def _repeat_to(example: torch.Tensor, n: int) -> torch.Tensor:
+    reps = -(-n // len(example))
+    return example.repeat(reps, 1, 1, 1)[:n].contiguous()
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    k = (len(sorted_values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)

@@ -1,0 +1,1 @@
+"""Low-rank family: attention approximations and factorized Linear layers."""

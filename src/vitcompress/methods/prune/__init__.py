@@ -1,0 +1,1 @@
+"""Pruning family: structured pruning that removes parameters, and token merging."""

@@ -1,0 +1,5 @@
+"""Quantization family."""
+
+from __future__ import annotations
+
+from . import dynamic  # noqa: F401

@@ -1,0 +1,91 @@
+"""The method registry: a name maps to a frozen config class and a handler.
+
+A handler takes a model and returns a model (``apply``). Methods that change
+the model's structure (quantized modules, pruned shapes, swapped attention)
+also give a ``restore`` that rebuilds that structure on a freshly created model
+from the step's JSON ``meta``, without data, so a saved artifact (plain tensors
+in safetensors) can be loaded without pickling modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ..config import from_dict
+from ..errors import VitcompressError
+
+if TYPE_CHECKING:
+    from ..study.context import StepContext
+
+
+@dataclass
+class StepOutput:
+    """What a method hands back: the new model and JSON-able facts needed to restore it."""
+
+    model: nn.Module
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+ApplyFn = Callable[[nn.Module, Any, "StepContext"], StepOutput]
+RestoreFn = Callable[[nn.Module, Any, dict[str, Any]], nn.Module]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    family: str
+    summary: str
+    config_cls: type
+    apply: ApplyFn
+    restore: RestoreFn | None
+    # True when the output holds integer weights: no training or structural step may follow it.
+    produces_int_weights: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    config_cls: type,
+    *,
+    family: str,
+    summary: str,
+    restore: RestoreFn | None = None,
+    produces_int_weights: bool = False,
+) -> Callable[[ApplyFn], ApplyFn]:
+    """Decorator: register ``apply`` under ``name`` (e.g. ``ptq.dynamic``)."""
+
+    def deco(apply: ApplyFn) -> ApplyFn:
+        if name in METHODS:
+            raise RuntimeError(f"method {name} registered twice")
+        METHODS[name] = MethodSpec(name, family, summary, config_cls, apply, restore, produces_int_weights)
+        return apply
+
+    return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_builtin_methods()
+    if name not in METHODS:
+        raise VitcompressError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))} (see `vitcompress list`)")
+    return METHODS[name]
+
+
+def parse_config(name: str, params: Any, where: str) -> Any:
+    """The typed config of method ``name`` from recipe data."""
+    return from_dict(get_method(name).config_cls, params, f"{where}.{name}")
+
+
+def list_methods() -> list[MethodSpec]:
+    _load_builtin_methods()
+    return sorted(METHODS.values(), key=lambda m: (m.family, m.name))
+
+
+def _load_builtin_methods() -> None:
+    # Importing the families registers them; done lazily so the registry module stays import-light.
+    from . import distill, lowrank, prune, quant  # noqa: F401

@@ -1,0 +1,445 @@
+"""Tables of a study's results: read ``results.jsonl``, render Markdown, CSV and a terminal table.
+
+The main table keeps the layout of the empirical study of ViT compression that
+this project reproduces (``Model | Method | Accuracy | GPU Speed | CPU Speed |
+Size(MB)``) and adds columns relative to the baseline row. Nothing here imports
+torch: a report renders from the results file alone, in well under a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitcompress.errors import VitcompressError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+DASH = "—"
+
+# (header, right-aligned). Right alignment is for columns that hold numbers.
+_MAIN_COLUMNS: tuple[tuple[str, bool], ...] = (
+    ("Model", False),
+    ("Method", False),
+    ("Accuracy (%)", True),
+    ("GPU Speed (img/s)", True),
+    ("CPU Speed (img/s)", True),
+    ("Size (MB)", True),
+    ("Δ Acc (pt)", True),
+    ("CPU speed-up (×)", True),
+    ("Size ratio", True),
+    ("Runtime", False),
+    ("Int arithmetic", False),
+)
+
+# Keys every CSV starts with, so the header is the same whatever rows a run produced.
+_CSV_COLUMNS: tuple[str, ...] = (
+    "name", "method", "model", "dataset", "baseline", "status", "error",
+    "top1", "top5", "n_test", "size_bytes", "params", "macs",
+    "cpu_img_s", "cpu_img_s_b1", "latency_ms_p50", "latency_ms_p95", "batch_size", "threads",
+    "gpu_img_s", "runtime", "int_arithmetic", "float_parts", "seconds", "artifact", "steps",
+)  # fmt: skip
+
+_META_LABELS: dict[str, str] = {
+    "recipe": "Recipe",
+    "command": "Command",
+    "dataset": "Dataset",
+    "model": "Model",
+    "hardware": "Hardware",
+    "threads": "CPU threads",
+    "batch_size": "Batch size",
+    "torch": "PyTorch",
+    "python": "Python",
+    "date": "Date",
+}
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a study's ``results.jsonl``: one JSON object per line, one per experiment.
+
+    A corrupt *last* line is what a run killed mid-write leaves behind, so it is
+    skipped with a ``RuntimeWarning`` and the finished rows are still reported.
+    A corrupt line anywhere else means the file was damaged some other way, and
+    guessing past it could silently drop results, so it raises.
+
+    When a name appears twice (an experiment re-run into the same folder) the
+    later row wins, at the position of the first.
+
+    Raises:
+        VitcompressError: the file is missing, or a line other than the last is
+            not a JSON object (the message names the line number).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VitcompressError(
+            f"no results file at {path}; run `vitcompress study` to create one, or pass the run folder"
+        ) from None
+    # Split on "\n" only: str.splitlines would also break on U+2028 and friends,
+    # which json.dumps(ensure_ascii=False) leaves raw inside strings.
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    by_name: dict[Any, dict[str, Any]] = {}
+    for position, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            if position == len(lines) - 1:
+                warnings.warn(
+                    f"{path}: skipped line {number}, which is incomplete (the run probably stopped while "
+                    f"writing it): {exc}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                break
+            raise VitcompressError(
+                f"{path} line {number} is not a valid JSON object ({exc}); fix or delete that line"
+            ) from None
+        # Dict assignment keeps the key's first position, which is the order we want.
+        by_name[row.get("name", ("unnamed line", number))] = row
+    return list(by_name.values())
+
+
+# --------------------------------------------------------------------------- helpers shared with plots
+
+
+def is_ok(row: Mapping[str, Any]) -> bool:
+    """Whether an experiment finished and its measurements can be shown."""
+    return row.get("status", "ok") == "ok"
+
+
+def reference_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The row relative columns compare against, or ``None`` when there is none.
+
+    The row flagged ``"baseline": true``; without a flag, the first finished row.
+    A failed baseline gives ``None``: comparing against another row would
+    silently change what "speed-up" means.
+    """
+    flagged = [row for row in rows if row.get("baseline")]
+    if flagged:
+        return flagged[0] if is_ok(flagged[0]) else None
+    return next((row for row in rows if is_ok(row)), None)
+
+
+def common_value(rows: Sequence[Mapping[str, Any]], key: str) -> Any:
+    """The value of ``key`` shared by all finished rows that have it, else ``None``."""
+    values = {json.dumps(row.get(key), sort_keys=True, default=str) for row in rows if is_ok(row)}
+    values.discard("null")
+    if len(values) != 1:
+        return None
+    return json.loads(values.pop())
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else ``None`` (null, NaN, text, bool)."""
+    # bool is an int subclass; a True in a numeric column is a bug upstream, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _fmt(value: Any, decimals: int, scale: float = 1.0) -> str:
+    number = finite_number(value)
+    return DASH if number is None else f"{number / scale:.{decimals}f}"
+
+
+def _ratio(value: Any, reference: Any) -> float | None:
+    value, reference = finite_number(value), finite_number(reference)
+    if value is None or reference is None or reference == 0:
+        return None
+    return value / reference
+
+
+def _delta_points(top1: Any, reference_top1: Any) -> str:
+    top1, reference_top1 = finite_number(top1), finite_number(reference_top1)
+    if top1 is None or reference_top1 is None:
+        return DASH
+    text = f"{top1 - reference_top1:+.2f}"
+    # A difference that rounds to zero should not read as a gain or a loss.
+    return "0.00" if text in ("+0.00", "-0.00") else text
+
+
+def _yes_no(value: Any) -> str:
+    return DASH if value is None else ("yes" if value else "no")
+
+
+def _main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None) -> list[str]:
+    """Plain-text cells of the main table, in ``_MAIN_COLUMNS`` order."""
+    ref = reference or {}
+    speed_up = _ratio(row.get("cpu_img_s"), ref.get("cpu_img_s"))
+    size_ratio = _ratio(row.get("size_bytes"), ref.get("size_bytes"))
+    method = str(row.get("name", DASH)) + (" ★" if row.get("pareto") else "")
+    return [
+        str(row.get("model") or DASH),
+        method,
+        _fmt(row.get("top1"), 2),
+        _fmt(row.get("gpu_img_s"), 1),
+        _fmt(row.get("cpu_img_s"), 1),
+        _fmt(row.get("size_bytes"), 2, scale=1e6),
+        _delta_points(row.get("top1"), ref.get("top1")),
+        DASH if speed_up is None else f"{speed_up:.2f}×",
+        DASH if size_ratio is None else f"{100 * size_ratio:.1f}%",
+        str(row.get("runtime") or DASH),
+        _yes_no(row.get("int_arithmetic")),
+    ]
+
+
+def _detail_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, int, float]]:
+    """(header, key, decimals, scale) of the Details table; top-5 only when measured."""
+    columns = [
+        ("Params (M)", "params", 3, 1e6),
+        ("MACs (M)", "macs", 2, 1e6),
+        ("CPU img/s (batch 1)", "cpu_img_s_b1", 1, 1.0),
+        ("Latency p50 (ms)", "latency_ms_p50", 2, 1.0),
+        ("Latency p95 (ms)", "latency_ms_p95", 2, 1.0),
+        ("Top-5 (%)", "top5", 2, 1.0),
+        ("Compute time (s)", "seconds", 1, 1.0),
+    ]
+    if not any(finite_number(row.get("top5")) is not None for row in rows):
+        columns = [column for column in columns if column[1] != "top5"]
+    return columns
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _md(text: Any) -> str:
+    # A raw "|" would end the cell early; a newline would end the table.
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _md_table(headers: Sequence[str], right: Sequence[bool], body: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_md(header) for header in headers) + " |"]
+    lines.append("|" + "|".join("---:" if r else "---" for r in right) + "|")
+    lines += ["| " + " | ".join(_md(cell) for cell in cells) + " |" for cells in body]
+    return lines
+
+
+def _filled_meta(meta: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``meta`` plus what the rows themselves say about how they were measured."""
+    filled = {key: value for key, value in (meta or {}).items() if value is not None}
+    first_ok = next((row for row in rows if is_ok(row)), {})
+    env = first_ok.get("env") if isinstance(first_ok.get("env"), Mapping) else {}
+    hardware = env.get("cpu")
+    if hardware and env.get("gpu"):
+        hardware = f"{hardware} + {env['gpu']}"
+    fallbacks = {
+        "dataset": common_value(rows, "dataset"),
+        "hardware": hardware,
+        "threads": common_value(rows, "threads"),
+        "batch_size": common_value(rows, "batch_size"),
+        "torch": env.get("torch"),
+        "python": env.get("python"),
+    }
+    for key, value in fallbacks.items():
+        if key not in filled and value is not None:
+            filled[key] = value
+    return filled
+
+
+def _meta_bullets(meta: Mapping[str, Any]) -> list[str]:
+    ordered = [key for key in _META_LABELS if key in meta] + [key for key in meta if key not in _META_LABELS]
+    lines = []
+    for key in ordered:
+        value = meta[key]
+        if isinstance(value, (Mapping, list, tuple)):
+            value = json.dumps(value, default=str)
+        text = " ".join(str(value).split())
+        if key == "command":
+            text = f"`{text}`"
+        label = _META_LABELS.get(key, key.replace("_", " ").capitalize())
+        lines.append(f"- **{label}**: {text}")
+    return lines
+
+
+def _how_measured(
+    meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None
+) -> str:
+    sentences = [
+        "Each row is one experiment: the model after its compression steps, saved to a file, "
+        "then measured by the same code on the same machine in the same run."
+    ]
+    dataset, n_test = meta.get("dataset"), common_value(rows, "n_test")
+    if dataset is not None:
+        images = f" ({n_test} images)" if n_test is not None else ""
+        sentences.append(f"Accuracy is top-1 on the {dataset} test split{images}.")
+    batch, threads = meta.get("batch_size"), meta.get("threads")
+    if batch is not None and threads is not None:
+        sentences.append(f"CPU speed is images per second at batch size {batch} with {threads} CPU threads.")
+    flagged = [row for row in rows if row.get("baseline")]
+    if reference is not None:
+        sentences.append(f"Relative columns compare with **{_md(reference.get('name'))}**.")
+    elif flagged:
+        sentences.append("The baseline failed, so the relative columns are empty.")
+    return " ".join(sentences)
+
+
+def _legend(has_pareto: bool, has_top5: bool) -> list[str]:
+    lines = [
+        "- **Model**: the architecture the experiment started from.",
+        "- **Method**: the experiment's name; its compression steps are in `results.csv` (column `steps`).",
+        "- **Accuracy (%)**: top-1 accuracy on the test split, in percent.",
+        "- **GPU Speed (img/s)**: images per second on a GPU; — means it was not measured "
+        "(no GPU in this run, or a runtime that cannot use one). It is never estimated.",
+        "- **CPU Speed (img/s)**: images per second on the CPU, at the batch size and thread count above.",
+        "- **Size (MB)**: bytes of the saved artifact file / 10⁶, measured from the file, "
+        "not estimated from parameter counts.",
+        "- **Δ Acc (pt)**: accuracy minus the baseline's, in percentage points.",
+        "- **CPU speed-up (×)**: CPU speed / the baseline's CPU speed. Both are measured on the same "
+        "machine in the same run, so the ratio is fair; absolute speeds do not carry over to other machines.",
+        "- **Size ratio**: size / the baseline's size, as a percentage.",
+        "- **Runtime**: what executed the model when it was measured.",
+        "- **Int arithmetic**: yes means integer kernels really executed. Simulated (fake) quantization, "
+        "and integer weights that are turned back into floats before every matmul, are no.",
+        "- **Details**: Params and MACs (multiply-accumulates per image) in millions; CPU img/s at batch 1 "
+        "and latency (median p50 and 95th percentile p95 of one image) show the single-request case; "
+        "compute time is the wall-clock seconds the experiment took in this run.",
+    ]
+    if has_top5:
+        lines.append(
+            "- **Top-5 (%)**: top-5 accuracy, where the dataset has enough classes to make it useful."
+        )
+    if has_pareto:
+        lines.append(
+            "- **★**: on the Pareto front marked by the study: no other row is better on every "
+            "measure at once."
+        )
+    return lines
+
+
+def render_markdown(
+    rows: list[dict[str, Any]],
+    *,
+    title: str = "vitcompress study",
+    meta: dict[str, Any] | None = None,
+    plots: Mapping[str, str] | None = None,
+) -> str:
+    """Render a study's rows as a Markdown report.
+
+    Args:
+        rows: result rows, as returned by :func:`read_results`.
+        title: the report's first heading.
+        meta: how the study was run (recipe, command, hardware, ...); keys it
+            lacks are filled from the rows and their ``env`` where possible.
+        plots: caption -> link (relative to the report) of images to embed.
+
+    Returns:
+        The report text, ending in a newline.
+    """
+    reference = reference_row(rows)
+    finished = [row for row in rows if is_ok(row)]
+    failed = [row for row in rows if not is_ok(row)]
+    filled = _filled_meta(meta, rows)
+
+    out = [f"# {_md(title)}", "", "## How this was measured", "", _how_measured(filled, rows, reference), ""]
+    bullets = _meta_bullets(filled)
+    if bullets:
+        out += bullets + [""]
+
+    out += ["## Results", ""]
+    if finished:
+        headers = [header for header, _ in _MAIN_COLUMNS]
+        right = [r for _, r in _MAIN_COLUMNS]
+        out += _md_table(headers, right, [_main_cells(row, reference) for row in finished])
+    else:
+        out.append("_No experiment finished._")
+    out.append("")
+
+    if failed:
+        out += ["## Failed experiments", ""]
+        for row in failed:
+            status = row.get("status") or "failed"
+            error = row.get("error") or "no error message recorded"
+            prefix = "" if status == "failed" else f"{status}: "
+            out.append(f"- **{_md(row.get('name', DASH))}**: {prefix}{' '.join(str(error).split())}")
+        out.append("")
+
+    columns = _detail_columns(finished)
+    if finished:
+        out += ["## Details", ""]
+        body = [
+            [str(row.get("name", DASH))]
+            + [_fmt(row.get(key), decimals, scale) for _, key, decimals, scale in columns]
+            for row in finished
+        ]
+        out += _md_table(["Method"] + [c[0] for c in columns], [False] + [True] * len(columns), body)
+        out.append("")
+
+    if plots:
+        out += ["## Plots", ""]
+        for caption, link in plots.items():
+            out += [f"![{caption}]({link})", ""]
+
+    has_top5 = any(column[1] == "top5" for column in columns)
+    out += ["## Legend", ""] + _legend(any(row.get("pareto") for row in finished), has_top5) + [""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- csv
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"  # the JSON spelling, like results.jsonl
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)  # str(float) round-trips exactly
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Write every row, failed ones included, as CSV with one column per key.
+
+    The standard keys come first in a fixed order; any others follow in order
+    of first appearance. ``None`` is an empty cell; lists and dicts are JSON.
+    """
+    path = Path(path)
+    columns = list(_CSV_COLUMNS)
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_csv_cell(row.get(key)) for key in columns])
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+def render_terminal_table(rows: list[dict[str, Any]]) -> Table:
+    """The main table as a ``rich`` table for the CLI; failed experiments go in the caption."""
+    from rich.table import Table
+    from rich.text import Text
+
+    reference = reference_row(rows)
+    table = Table(title="vitcompress study")
+    for header, right in _MAIN_COLUMNS:
+        table.add_column(header, justify="right" if right else "left")
+    for row in rows:
+        if is_ok(row):
+            # Text(), not str: a "[" in a name would otherwise be read as rich markup.
+            style = "bold" if row is reference else None
+            table.add_row(*(Text(cell) for cell in _main_cells(row, reference)), style=style)
+    failed = [row for row in rows if not is_ok(row)]
+    if failed:
+        caption = Text("Failed: ", style="red")
+        caption.append(
+            "; ".join(f"{row.get('name', DASH)} ({row.get('error') or 'no message'})" for row in failed)
+        )
+        table.caption = caption
+    return table

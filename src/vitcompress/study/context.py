@@ -1,0 +1,51 @@
+"""What a method step may use: training data, a calibration slice, the teacher, the training loop.
+
+The test split is deliberately absent: no method can look at it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import ImageTensorDataset, make_loader
+from ..train import LossFn, TrainConfig, TrainResult, fit
+
+
+@dataclass
+class StepContext:
+    train_ds: ImageTensorDataset
+    img_size: int
+    in_chans: int
+    num_classes: int
+    seed: int
+    work_dir: Path
+    baseline_train: TrainConfig
+    teacher: nn.Module | None = None
+    calib_images: int = 256
+    progress: bool = True
+    name: str = "step"
+
+    def calib_dataset(self, n: int | None = None) -> ImageTensorDataset:
+        """A fixed, seeded slice of the training split for calibration or importance scores."""
+        n = min(n or self.calib_images, len(self.train_ds))
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return self.train_ds.subset(torch.randperm(len(self.train_ds), generator=g)[:n])
+
+    def calib_loader(self, n: int | None = None, batch_size: int = 64) -> Any:
+        return make_loader(self.calib_dataset(n), batch_size, train=False, img_size=self.img_size,
+                           in_chans=self.in_chans)
+
+    def fit(self, model: nn.Module, cfg: TrainConfig | None = None, *, loss_fn: LossFn | None = None,
+            desc: str | None = None, extra_modules: tuple[nn.Module, ...] = (), **overrides: Any) -> TrainResult:
+        """Train through the shared loop; checkpoints go to this step's work folder so a kill resumes."""
+        cfg = cfg or self.baseline_train
+        if overrides:
+            cfg = replace(cfg, **overrides)
+        return fit(model, self.train_ds, cfg, work_dir=self.work_dir / "train", img_size=self.img_size,
+                   in_chans=self.in_chans, seed=self.seed, loss_fn=loss_fn, desc=desc or self.name,
+                   progress=self.progress, extra_modules=extra_modules)

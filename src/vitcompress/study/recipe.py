@@ -1,0 +1,229 @@
+"""Recipes: YAML parsed into typed configs, validated before anything runs.
+
+A recipe names a dataset, a baseline model (and how to get it: train it, load
+a checkpoint, or fine-tune pretrained weights), how to measure, and a list of
+experiments. An experiment is a chain of registered method steps; each step
+receives the model the previous one produced. Rules checked here:
+
+* unknown keys, wrong types and out-of-range values are errors naming the path;
+* only registered methods and models may be named (no import paths);
+* no step may follow a step that produced integer weights (nothing trains or
+  restructures an int8 model): quantization comes last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import check, from_dict, to_dict
+from ..data import DATASETS
+from ..errors import VitcompressError
+from ..measure import MeasureConfig
+from ..methods import get_method, parse_config
+from ..models import PRESETS, ModelSpec, is_known_model
+from ..train import TrainConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion-mnist"
+    root: str | None = None
+    download: bool = False
+    calib_images: int = 256  # training images methods may use for calibration or importance scores
+
+    def __post_init__(self) -> None:
+        check(self.name in DATASETS, f"unknown dataset '{self.name}'; known: {', '.join(DATASETS)}")
+        check(self.calib_images >= 1, "calib_images must be >= 1")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    model: str
+    name: str = "Vanilla ViT"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    img_size: int | None = None  # None: the preset's own size, 224 for hub models
+    in_chans: int | None = None  # None: the dataset's channels for presets, 3 for hub models
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check(is_known_model(self.model), f"unknown model '{self.model}'; use a timm model name or a preset "
+              f"({', '.join(PRESETS)})")
+        check(self.img_size is None or 8 <= self.img_size <= 1024, "img_size must be in [8, 1024]")
+        check(self.in_chans in (None, 1, 3), "in_chans must be 1 or 3")
+
+
+@dataclass(frozen=True)
+class Step:
+    method: str
+    config: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "config": to_dict(self.config)}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    steps: tuple[Step, ...]
+
+    @property
+    def method(self) -> str:
+        return "+".join(s.method for s in self.steps) or "baseline"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    seed: int
+    data: DataConfig
+    baseline: BaselineConfig
+    measure: MeasureConfig
+    experiments: tuple[Experiment, ...]
+    source: str = ""
+
+    def model_spec(self) -> ModelSpec:
+        b = self.baseline
+        info = DATASETS[self.data.name]
+        if b.model in PRESETS:
+            img = b.img_size or PRESETS[b.model][0]["img_size"]
+            chans = b.in_chans or info.in_chans
+        else:
+            img = b.img_size or 224
+            chans = b.in_chans or 3
+        return ModelSpec(b.model, info.num_classes, img, chans, b.pretrained, b.checkpoint, dict(b.model_kwargs))
+
+    def baseline_key(self) -> str:
+        """Fingerprint of everything the baseline depends on."""
+        return _digest({"data": to_dict(self.data) | {"root": None}, "baseline": to_dict(self.baseline),
+                        "seed": self.seed})
+
+    def prefix_key(self, steps: tuple[Step, ...]) -> str:
+        """Fingerprint of the baseline plus a chain prefix: equal prefixes share one artifact."""
+        return _digest({"baseline": self.baseline_key(), "steps": [s.to_dict() for s in steps]})
+
+
+_TOP_KEYS = {"name", "description", "seed", "data", "baseline", "measure", "experiments"}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _parse_steps(raw: Any, where: str) -> tuple[Step, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise VitcompressError(f"{where}: steps must be a non-empty list like [{{ptq.dynamic: {{}}}}]")
+    steps = []
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise VitcompressError(f"{w}: a step is one mapping 'method: {{settings}}', got {item!r}")
+        (name, params), = item.items()
+        if not isinstance(name, str):
+            raise VitcompressError(f"{w}: method name must be a string, got {name!r}")
+        steps.append(Step(name, parse_config(name, params, w)))
+    for i in range(1, len(steps)):
+        prev = get_method(steps[i - 1].method)
+        if prev.produces_int_weights:
+            raise VitcompressError(
+                f"{where}[{i}]: '{steps[i].method}' cannot follow '{prev.name}', which produced integer weights; "
+                "put quantization last"
+            )
+    return tuple(steps)
+
+
+def _parse_experiment(raw: Any, where: str) -> Experiment:
+    if not isinstance(raw, dict):
+        raise VitcompressError(f"{where}: an experiment is a mapping with 'name' and 'steps'")
+    unknown = set(raw) - {"name", "steps", "method", "params"}
+    if unknown:
+        raise VitcompressError(f"{where}: unknown key '{sorted(unknown)[0]}'; allowed: name, steps (or method, params)")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise VitcompressError(f"{where}: 'name' must be a non-empty string")
+    if "steps" in raw and "method" in raw:
+        raise VitcompressError(f"{where}: give either 'steps' or 'method', not both")
+    if "method" in raw:
+        steps_raw: Any = [{raw["method"]: raw.get("params") or {}}]
+    elif "params" in raw:
+        raise VitcompressError(f"{where}: 'params' needs 'method'")
+    else:
+        steps_raw = raw.get("steps")
+    return Experiment(name.strip(), _parse_steps(steps_raw, f"{where}.steps"))
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """A validated :class:`Recipe` from the mapping a YAML file holds."""
+    if not isinstance(data, dict):
+        raise VitcompressError(f"{source}: a recipe is a YAML mapping with keys {', '.join(sorted(_TOP_KEYS))}")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise VitcompressError(f"{source}: unknown key '{sorted(unknown, key=str)[0]}'; allowed keys: "
+                               f"{', '.join(sorted(_TOP_KEYS))}")
+    for key in ("name", "baseline"):
+        if key not in data:
+            raise VitcompressError(f"{source}: missing required key '{key}'")
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise VitcompressError(f"{source}: 'name' must be a non-empty string without '/'")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise VitcompressError(f"{source}: 'seed' must be a non-negative integer, got {seed!r}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise VitcompressError(f"{source}: 'description' must be a string")
+    data_cfg = from_dict(DataConfig, data.get("data"), f"{source}: data")
+    baseline = from_dict(BaselineConfig, data["baseline"], f"{source}: baseline")
+    measure = from_dict(MeasureConfig, data.get("measure"), f"{source}: measure")
+    raw_exps = data.get("experiments") or []
+    if not isinstance(raw_exps, list):
+        raise VitcompressError(f"{source}: 'experiments' must be a list")
+    experiments = tuple(_parse_experiment(e, f"{source}: experiments[{i}]") for i, e in enumerate(raw_exps))
+    names = [baseline.name] + [e.name for e in experiments]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise VitcompressError(f"{source}: experiment name '{dup}' is used twice; names must be unique")
+    return Recipe(name.strip(), description, seed, data_cfg, baseline, measure, experiments, source)
+
+
+def bundled_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("vitcompress.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a bundled recipe by name (``quick``) or a YAML file by path."""
+    text: str
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise VitcompressError(f"recipe file {path} not found; bundled recipes: {', '.join(bundled_recipes())}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VitcompressError(f"cannot read recipe {path}: {exc}") from None
+        source = str(path)
+    else:
+        name = str(name_or_path)
+        if name not in bundled_recipes():
+            raise VitcompressError(f"unknown recipe '{name}'; bundled recipes: {', '.join(bundled_recipes())}, "
+                                   "or pass the path of a .yaml file")
+        text = resources.files("vitcompress.recipes").joinpath(f"{name}.yaml").read_text()
+        source = name
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise VitcompressError(f"{source}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return parse_recipe(data, source)

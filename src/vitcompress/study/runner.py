@@ -1,0 +1,274 @@
+"""Run a study: baseline, then each experiment's chain, each measured the same way.
+
+The run folder holds everything, so re-running the same command resumes:
+
+* ``artifacts/<key>/`` one saved model per chain prefix (``key`` hashes the
+  baseline and the steps), written before any row that uses it; two experiments
+  that share a prefix share the artifact, and a killed training resumes from
+  ``artifacts/<key>/work/train/train_state.pt``;
+* ``results.jsonl`` one row per finished experiment (see :mod:`.results`);
+  experiments with an ``ok`` row for the same steps are skipped;
+* ``report.md``, ``results.csv``, ``plots/`` re-rendered at the end.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..artifact import load_artifact, read_meta, save_artifact, size_on_disk
+from ..config import to_dict
+from ..data import ImageTensorDataset, load_split, make_loader
+from ..errors import VitcompressError
+from ..measure import (
+    count_macs,
+    count_params,
+    cpu_speed,
+    environment,
+    evaluate_accuracy,
+    gpu_speed,
+    runtime_name,
+    uses_integer_kernels,
+)
+from ..methods import get_method
+from ..models import create_model
+from .context import StepContext
+from .recipe import Experiment, Recipe, Step
+from .results import RESULTS_FILE, append_row, load_rows
+
+RUN_INFO = "run.json"
+
+
+@dataclass
+class StudyResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    report: dict[str, Any]
+
+
+class _RunLock:
+    """One study per run folder at a time (a second would interleave rows and checkpoints)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+
+    def __enter__(self) -> _RunLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise VitcompressError(f"another vitcompress study is running in {self.path.parent}; wait for it "
+                                   "or pass --out NEW_DIR") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+class Study:
+    def __init__(self, recipe: Recipe, run_dir: Path, *, data_root: str | None = None, download: bool | None = None,
+                 progress: bool = True, debug: bool = False, log: Callable[[str], None] | None = None) -> None:
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.data_root = data_root if data_root is not None else recipe.data.root
+        self.download = recipe.data.download if download is None else download
+        self.progress = progress
+        self.debug = debug
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.spec = recipe.model_spec()
+        self.results_path = run_dir / RESULTS_FILE
+        self._train: ImageTensorDataset | None = None
+        self._test: ImageTensorDataset | None = None
+        self._baseline: nn.Module | None = None
+
+    # ---- data -------------------------------------------------------------------------------
+    @property
+    def train_ds(self) -> ImageTensorDataset:
+        if self._train is None:
+            self._train = load_split(self.recipe.data.name, "train", self.data_root, self.download)
+        return self._train
+
+    @property
+    def test_ds(self) -> ImageTensorDataset:
+        if self._test is None:
+            ds = load_split(self.recipe.data.name, "test", self.data_root, self.download)
+            n = self.recipe.measure.test_subset
+            self._test = ds.subset(torch.arange(min(n, len(ds)))) if n else ds
+        return self._test
+
+    # ---- chains -----------------------------------------------------------------------------
+    def _artifact_dir(self, steps: tuple[Step, ...]) -> Path:
+        return self.run_dir / "artifacts" / self.recipe.prefix_key(steps)
+
+    def _example(self) -> torch.Tensor:
+        loader = make_loader(self.test_ds, self.recipe.measure.batch_size, train=False,
+                             img_size=self.spec.img_size, in_chans=self.spec.in_chans)
+        return next(iter(loader))[0]
+
+    def _context(self, work_dir: Path, name: str) -> StepContext:
+        return StepContext(
+            train_ds=self.train_ds, img_size=self.spec.img_size, in_chans=self.spec.in_chans,
+            num_classes=self.spec.num_classes, seed=self.recipe.seed, work_dir=work_dir,
+            baseline_train=self.recipe.baseline.train, teacher=self.baseline_model(),
+            calib_images=self.recipe.data.calib_images, progress=self.progress, name=name,
+        )
+
+    def baseline_model(self) -> nn.Module:
+        if self._baseline is None:
+            self._baseline, _ = self._materialize(())
+        return self._baseline
+
+    def _materialize(self, steps: tuple[Step, ...]) -> tuple[nn.Module, Path]:
+        """The model a chain prefix produces: loaded from its artifact if saved, else built and saved."""
+        art = self._artifact_dir(steps)
+        if (art / "meta.json").exists() and (art / "model.safetensors").exists():
+            return load_artifact(art), art
+        t0 = time.perf_counter()
+        if not steps:
+            torch.manual_seed(self.recipe.seed)
+            model = create_model(self.spec)
+            ctx_train = self.recipe.baseline.train
+            if ctx_train.epochs > 0:
+                self.log(f"training baseline {self.spec.name} for {ctx_train.epochs} epochs")
+                from ..train import fit
+
+                model = fit(model, self.train_ds, ctx_train, work_dir=art / "work" / "train",
+                            img_size=self.spec.img_size, in_chans=self.spec.in_chans, seed=self.recipe.seed,
+                            desc="baseline", progress=self.progress).model
+            parent_meta: dict[str, Any] = {"model": self.spec.to_dict() | {"checkpoint": None, "pretrained": False},
+                                           "steps": [], "seconds": 0.0, "macs": None}
+            step_meta: list[dict[str, Any]] = []
+        else:
+            parent, parent_art = self._materialize(steps[:-1])
+            parent_meta = read_meta(parent_art)
+            step = steps[-1]
+            method = get_method(step.method)
+            torch.manual_seed(self.recipe.seed)
+            self.log(f"  step {len(steps)}: {step.method}")
+            out = method.apply(parent, step.config, self._context(art / "work", step.method))
+            model = out.model
+            step_meta = [{"method": step.method, "config": to_dict(step.config), "meta": out.meta}]
+        model = model.eval()
+        example = self._example()
+        macs = count_macs(model, example) if not uses_integer_kernels(model) else None
+        meta = {
+            "model": parent_meta["model"],
+            "steps": list(parent_meta["steps"]) + step_meta,
+            "seconds": float(parent_meta.get("seconds") or 0.0) + (time.perf_counter() - t0),
+            "step_seconds": time.perf_counter() - t0,
+            # Quantization keeps the MAC count; the counter cannot see quantized modules.
+            "macs": macs if macs is not None else parent_meta.get("macs"),
+        }
+        save_artifact(model, art, meta)
+        return load_artifact(art), art
+
+    # ---- rows -------------------------------------------------------------------------------
+    def _measure(self, exp: Experiment, model: nn.Module, art: Path, seconds: float) -> dict[str, Any]:
+        m = self.recipe.measure
+        meta = read_meta(art)
+        t0 = time.perf_counter()
+        example = self._example()
+        acc = evaluate_accuracy(model, self.test_ds, img_size=self.spec.img_size, in_chans=self.spec.in_chans,
+                                batch_size=m.eval_batch_size, progress=self.progress, desc=f"eval {exp.name}")
+        speed = cpu_speed(model, example, m)
+        gpu = gpu_speed(model, example, m)
+        return {
+            "name": exp.name, "method": exp.method, "steps": [s.to_dict() for s in exp.steps],
+            "dataset": self.recipe.data.name, "model": self.spec.name, "baseline": not exp.steps,
+            "status": "ok", "error": None,
+            **acc,
+            "size_bytes": size_on_disk(art), "params": count_params(model), "macs": meta.get("macs"),
+            **speed, "batch_size": m.batch_size, "threads": m.resolved_threads(),
+            "gpu_img_s": gpu, "runtime": runtime_name(model), "int_arithmetic": uses_integer_kernels(model),
+            "float_parts": None,
+            "seconds": seconds, "measure_seconds": time.perf_counter() - t0,
+            "artifact": str((art / "model.safetensors").relative_to(self.run_dir)),
+            "env": environment(m.resolved_threads()),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def _failed_row(self, exp: Experiment, message: str, seconds: float) -> dict[str, Any]:
+        return {"name": exp.name, "method": exp.method, "steps": [s.to_dict() for s in exp.steps],
+                "dataset": self.recipe.data.name, "model": self.spec.name, "baseline": not exp.steps,
+                "status": "failed", "error": message, "seconds": seconds,
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def _check_run_dir(self) -> None:
+        info_path = self.run_dir / RUN_INFO
+        key = self.recipe.baseline_key()
+        if info_path.exists():
+            try:
+                info = json.loads(info_path.read_text())
+            except json.JSONDecodeError:
+                info = {}
+            if info.get("baseline_key") not in (None, key):
+                raise VitcompressError(
+                    f"{self.run_dir} holds a study with another dataset, baseline or seed "
+                    f"(recipe '{info.get('recipe')}'); pass --out NEW_DIR or delete the folder"
+                )
+        tmp = info_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"recipe": self.recipe.name, "source": self.recipe.source, "baseline_key": key,
+                                   "command": " ".join(["vitcompress", *sys.argv[1:]])}, indent=2))
+        os.replace(tmp, info_path)
+
+    def run(self) -> StudyResult:
+        from ..report import write_report
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with _RunLock(self.run_dir):
+            self._check_run_dir()
+            done = {r["name"]: r for r in load_rows(self.results_path) if r.get("status") == "ok"}
+            baseline_exp = Experiment(self.recipe.baseline.name, ())
+            for exp in (baseline_exp, *self.recipe.experiments):
+                steps = [s.to_dict() for s in exp.steps]
+                prev = done.get(exp.name)
+                if prev is not None and prev.get("steps") == steps:
+                    self.log(f"✓ {exp.name}: already measured, skipped")
+                    continue
+                self.log(f"▶ {exp.name}")
+                t0 = time.perf_counter()
+                try:
+                    model, art = self._materialize(exp.steps)
+                    meta = read_meta(art)
+                    seconds = meta["seconds"] if not exp.steps else meta["seconds"] - read_meta(
+                        self._artifact_dir(()))["seconds"]
+                    row = self._measure(exp, model, art, seconds)
+                except (VitcompressError, RuntimeError, ValueError) as exc:
+                    if self.debug or not exp.steps:
+                        raise  # without a baseline nothing else can run
+                    msg = " ".join(str(exc).split())[:300]
+                    if not isinstance(exc, VitcompressError):
+                        msg = f"{type(exc).__name__}: {msg}"
+                        self.log(traceback.format_exc(limit=3))
+                    row = self._failed_row(exp, msg, time.perf_counter() - t0)
+                append_row(self.results_path, row)
+                status = (f"top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.2f} MB  "
+                          f"cpu {row['cpu_img_s']:.1f} img/s" if row["status"] == "ok" else f"FAILED: {row['error']}")
+                self.log(f"  {exp.name}: {status}")
+            rows = load_rows(self.results_path)
+            wanted = {self.recipe.baseline.name, *(e.name for e in self.recipe.experiments)}
+            rows = [r for r in rows if r.get("name") in wanted]
+            meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
+                    "dataset": self.recipe.data.name}
+            report = write_report(self.run_dir, rows, meta=meta)
+        return StudyResult(self.run_dir, rows, report)
+
+
+def run_study(recipe: Recipe, out_dir: str | os.PathLike | None = None, **kwargs: Any) -> StudyResult:
+    """Run (or resume) ``recipe`` into ``out_dir`` (default ``runs/<recipe name>``)."""
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
+    return Study(recipe, run_dir, **kwargs).run()

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+# Keep test timings and results independent of how many cores the runner has.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def tiny_recipe_dict(**over: Any) -> dict[str, Any]:
+    """A recipe that trains a micro ViT on a slice of real Fashion-MNIST in seconds."""
+    recipe: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"name": "fashion-mnist", "calib_images": 64},
+        "baseline": {
+            "model": "vitc_micro",
+            "train": {"epochs": 2, "batch_size": 64, "lr": 3.0e-3, "train_subset": 512, "mixed_precision": "no"},
+        },
+        "measure": {"batch_size": 8, "repeats": 2, "warmup": 1, "min_repeat_seconds": 0.01,
+                    "latency_samples": 5, "test_subset": 256},
+        "experiments": [{"name": "Dynamic Quantization", "steps": [{"ptq.dynamic": {}}]}],
+    }
+    for key, value in over.items():
+        recipe[key] = value
+    return recipe
+
+
+@pytest.fixture
+def needs_fmnist() -> None:
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
