@@ -24,7 +24,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from .study import load_recipe, run_study
 
     recipe = load_recipe(args.recipe)
-    console = Console(stderr=False)
+    # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     result = run_study(recipe, args.out, data_root=args.data_root, download=args.download or None,
                        progress=not args.no_progress, debug=args.debug)
     console.print(render_terminal_table(result.rows))

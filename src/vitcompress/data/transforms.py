@@ -182,19 +182,21 @@ def make_loader(
     seed: int = 0,
     epoch: int = 0,
     drop_last: bool | None = None,
+    augment: bool | None = None,
 ) -> DataLoader:
     """A loader of ``(x float32 (B, in_chans, img_size, img_size), y int64 (B,))`` batches.
 
     ``train=True`` shuffles and augments, with the order and augmentation of
     epoch ``epoch`` fixed by ``(seed, epoch)``; ``train=False`` keeps the
-    dataset order and does not augment. ``drop_last`` defaults to ``train``.
+    dataset order and does not augment. ``drop_last`` and ``augment`` default to ``train``.
     Batches are gathered and transformed whole in the main process, so there
     are no workers (the data is already in memory).
     """
     if int(batch_size) != batch_size or batch_size < 1:
         raise VitcompressError(f"batch size must be a positive integer, got {batch_size!r}")
     drop_last = train if drop_last is None else drop_last
-    transform = BatchTransform(ds.info, img_size, in_chans, train, seed=seed)
+    augment = train if augment is None else augment
+    transform = BatchTransform(ds.info, img_size, in_chans, augment, seed=seed)
     batches = _EpochBatches(
         len(ds),
         int(batch_size),

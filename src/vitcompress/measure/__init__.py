@@ -179,7 +179,8 @@ def count_params(model: nn.Module) -> int:
     """Parameters of a float model, counting the weights packed inside quantized modules too."""
     total = sum(p.numel() for p in model.parameters())
     for mod in model.modules():
-        if hasattr(mod, "_packed_params") and hasattr(mod, "_weight_bias"):
+        # The quantized Linear itself, not its LinearPackedParams child (which would count twice).
+        if isinstance(getattr(mod, "_packed_params", None), nn.Module) and hasattr(mod, "_weight_bias"):
             w, b = mod._weight_bias()
             total += w.numel() + (b.numel() if b is not None else 0)
     return total

@@ -231,6 +231,7 @@ class Study:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with _RunLock(self.run_dir):
             self._check_run_dir()
+            _ = self.train_ds, self.test_ds  # a missing dataset fails here, before any work
             done = {r["name"]: r for r in load_rows(self.results_path) if r.get("status") == "ok"}
             baseline_exp = Experiment(self.recipe.baseline.name, ())
             for exp in (baseline_exp, *self.recipe.experiments):

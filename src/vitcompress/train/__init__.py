@@ -41,6 +41,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     # "auto": bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX) or a CUDA GPU, else fp32.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    augment: bool = True  # random crop + flip; short runs learn faster without
     train_subset: int | None = None  # train on this many images drawn once with the seed
     max_steps_per_epoch: int | None = None
 
@@ -220,7 +221,7 @@ def fit(
         # Every process draws the same global batch (seeded by epoch) and keeps its own slice, so
         # N processes see exactly the batches one process would at batch_size x N.
         loader = make_loader(train_ds, cfg.batch_size * world, train=True, img_size=img_size,
-                             in_chans=in_chans, seed=seed, epoch=epoch)
+                             in_chans=in_chans, seed=seed, epoch=epoch, augment=cfg.augment)
         rank = accelerator.process_index
         bar = tqdm(total=per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (progress and accelerator.is_main_process), mininterval=1.0)

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vitcompress.data import ImageTensorDataset, dataset_info
+from vitcompress.measure import (
+    MeasureConfig,
+    count_macs,
+    count_params,
+    cpu_speed,
+    evaluate_accuracy,
+    gpu_speed,
+    uses_integer_kernels,
+)
+from vitcompress.models import ModelSpec, create_model
+
+FAST = MeasureConfig(batch_size=4, repeats=2, warmup=1, min_repeat_seconds=0.01, latency_samples=5)
+
+
+class _Oracle(nn.Module):
+    """Predicts the label stored in the first pixel: accuracy is known exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(self.labels_from(x), 10).float()
+
+    @staticmethod
+    def labels_from(x: torch.Tensor) -> torch.Tensor:
+        info = dataset_info("fashion-mnist")
+        raw = (x[:, 0, 0, 0] * info.std[0] + info.mean[0]) * 255
+        return raw.round().long().clamp(0, 9)
+
+
+def test_accuracy_is_exact_on_a_known_model() -> None:
+    n = 100
+    labels = torch.arange(n) % 10
+    images = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0, 0] = labels.to(torch.uint8)
+    images[:30, 0, 0, 0] = (labels[:30] + 1) % 10  # the oracle is wrong on exactly 30 images
+    ds = ImageTensorDataset(images, labels, dataset_info("fashion-mnist"), "test", "synthetic")
+    acc = evaluate_accuracy(_Oracle(), ds, img_size=28, in_chans=1, batch_size=32)
+    assert acc == {"top1": 70.0, "top5": None, "n_test": 100}
+
+
+def test_macs_of_a_linear_layer() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    assert count_macs(model, torch.randn(3, 1, 28, 28)) == 28 * 28 * 10
+
+
+def test_macs_and_params_of_a_vit() -> None:
+    model = create_model(ModelSpec("vitc_micro"))
+    macs = count_macs(model, torch.randn(2, 1, 28, 28))
+    # Every Linear weight is used once per token (17 tokens), the head once: a lower bound.
+    lin = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head")
+    assert macs >= lin * 17
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_cpu_speed_reports_positive_consistent_numbers() -> None:
+    model = create_model(ModelSpec("vitc_micro")).eval()
+    before = torch.get_num_threads()
+    out = cpu_speed(model, torch.randn(4, 1, 28, 28), FAST)
+    assert torch.get_num_threads() == before
+    assert out["cpu_img_s"] > 0 and out["cpu_img_s_b1"] > 0
+    assert 0 < out["latency_ms_p50"] <= out["latency_ms_p95"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_no_gpu_gives_none_never_a_number() -> None:
+    assert gpu_speed(create_model(ModelSpec("vitc_micro")), torch.randn(2, 1, 28, 28), FAST) is None
+
+
+def test_integer_kernel_detection() -> None:
+    model = create_model(ModelSpec("vitc_micro")).eval()
+    q = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert uses_integer_kernels(q)
+    assert not uses_integer_kernels(model)

@@ -1,0 +1,126 @@
+"""End-to-end studies on a slice of real Fashion-MNIST: rows, resume, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_recipe_dict
+
+from vitcompress.errors import VitcompressError
+from vitcompress.study import parse_recipe, run_study
+from vitcompress.study.results import append_row, load_rows, repair_tail
+
+pytestmark = pytest.mark.usefixtures("needs_fmnist")
+
+ROW_KEYS = {"name", "method", "dataset", "model", "top1", "size_bytes", "params", "cpu_img_s", "cpu_img_s_b1",
+            "gpu_img_s", "runtime", "int_arithmetic", "seconds"}
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+
+
+def test_study_writes_rows_artifacts_report_and_resumes(tmp_path) -> None:
+    recipe = parse_recipe(tiny_recipe_dict())
+    logs: list[str] = []
+    res = run_study(recipe, tmp_path / "run", progress=False, log=logs.append)
+    rows = _rows(tmp_path / "run")
+    assert [r["name"] for r in rows] == ["Vanilla ViT", "Dynamic Quantization"]
+    base, dyn = rows
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert r["status"] == "ok" and r["n_test"] == 256
+        assert r["size_bytes"] == (tmp_path / "run" / r["artifact"]).stat().st_size
+        assert r["cpu_img_s"] > 0
+    assert base["top1"] > 20  # 2 short epochs on 512 images: well above chance (10%)
+    assert base["int_arithmetic"] is False and dyn["int_arithmetic"] is True
+    assert dyn["size_bytes"] < base["size_bytes"]
+    assert abs(dyn["top1"] - base["top1"]) <= 5
+    assert dyn["gpu_img_s"] is None  # no CUDA kernel for int8 dynamic Linear
+    assert (tmp_path / "run" / "report.md").read_text().count("Dynamic Quantization") >= 1
+    assert (tmp_path / "run" / "plots" / "accuracy_vs_size.png").stat().st_size > 1000
+    assert res.report["report"].exists()
+
+    # Resume: nothing re-runs, the artifacts are not rewritten.
+    arts = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "artifacts").rglob("model.safetensors")}
+    logs.clear()
+    run_study(recipe, tmp_path / "run", progress=False, log=logs.append)
+    assert len(_rows(tmp_path / "run")) == 2
+    assert sum("already measured" in m for m in logs) == 2
+    assert arts == {p: p.stat().st_mtime_ns for p in arts}
+
+    # A new experiment in the recipe: only it runs, reusing the saved baseline.
+    d = tiny_recipe_dict()
+    d["experiments"].append({"name": "Per-tensor", "steps": [{"ptq.dynamic": {"per_channel": False}}]})
+    logs.clear()
+    run_study(parse_recipe(d), tmp_path / "run", progress=False, log=logs.append)
+    assert [r["name"] for r in _rows(tmp_path / "run")] == ["Vanilla ViT", "Dynamic Quantization", "Per-tensor"]
+    assert not any("training baseline" in m for m in logs)
+
+
+def test_run_dir_of_another_baseline_is_refused(tmp_path) -> None:
+    run_study(parse_recipe(tiny_recipe_dict(experiments=[])), tmp_path / "run", progress=False, log=lambda m: None)
+    d = tiny_recipe_dict(experiments=[], seed=1)
+    with pytest.raises(VitcompressError, match="--out NEW_DIR"):
+        run_study(parse_recipe(d), tmp_path / "run", progress=False, log=lambda m: None)
+
+
+def test_truncated_last_row_is_repaired_before_the_next_append(tmp_path) -> None:
+    path = tmp_path / "results.jsonl"
+    append_row(path, {"name": "a", "status": "ok"})
+    with open(path, "ab") as f:
+        f.write(b'{"name": "b", "sta')  # killed mid-write
+    with pytest.warns(RuntimeWarning):
+        assert [r["name"] for r in load_rows(path)] == ["a"]
+    assert repair_tail(path)
+    append_row(path, {"name": "c", "status": "ok"})
+    assert [json.loads(x)["name"] for x in path.read_text().splitlines()] == ["a", "c"]
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "vitcompress", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, **kw)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_study_then_rerun_gives_every_row_once(tmp_path) -> None:
+    d = tiny_recipe_dict()
+    d["baseline"]["train"]["epochs"] = 3
+    d["experiments"].append({"name": "Per-tensor", "steps": [{"ptq.dynamic": {"per_channel": False}}]})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    args = ("study", str(recipe), "--out", str(run), "--no-progress")
+    # Kill as soon as the first training checkpoint exists: mid-training of the baseline.
+    p = _cli(*args)
+    deadline = time.time() + 240
+    while not list(run.glob("artifacts/*/work/train/train_state.pt")) and time.time() < deadline:
+        if p.poll() is not None:
+            pytest.fail(p.stdout.read().decode())
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (run / "results.jsonl").exists() or not _rows(run)
+    # Kill again after the first row landed: mid-way through the experiments.
+    p = _cli(*args)
+    while not ((run / "results.jsonl").exists() and (run / "results.jsonl").read_text().count("\n") >= 1):
+        if p.poll() is not None or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    out = subprocess.run([sys.executable, "-m", "vitcompress", *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = _rows(run)
+    names = [r["name"] for r in rows]
+    assert sorted(names) == sorted(["Vanilla ViT", "Dynamic Quantization", "Per-tensor"])
+    assert all(r["status"] == "ok" for r in rows)
