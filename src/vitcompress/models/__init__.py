@@ -110,8 +110,11 @@ def create_model(spec: ModelSpec) -> nn.Module:
             for key in ("head.weight", "head.bias"):
                 if key in state and state[key].shape != model.state_dict()[key].shape:
                     state.pop(key)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
+        own = model.state_dict()
+        bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+        if not bad:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
         if bad:
             raise VitcompressError(
                 f"checkpoint {spec.checkpoint} does not fit model '{spec.name}' "
