@@ -33,6 +33,21 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search.runner import run_search
+    from .study import load_recipe
+
+    result = run_search(load_recipe(args.recipe), args.out, trials=args.trials, data_root=args.data_root,
+                        progress=not args.no_progress)
+    if result.best is not None:
+        print(f"best within budgets: trial {result.best['trial']} ({result.best['method']}), "
+              f"val top1 {result.best['top1']:.2f}%")
+    else:
+        print("no trial met every budget")
+    print(f"report: {result.report}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -81,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true", help="download the dataset when online")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_study)
+
+    se = sub.add_parser("search", help="search chains of methods under the recipe's budgets (resumable)")
+    se.add_argument("recipe", help="bundled recipe name or path to a YAML recipe with a 'search' section")
+    se.add_argument("--out", default=None, help="run folder (default runs/<recipe name>-search)")
+    se.add_argument("--trials", type=int, default=None, help="number of trials (default: the recipe's)")
+    se.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    se.add_argument("--no-progress", action="store_true", help="no progress bars")
+    se.set_defaults(func=_cmd_search)
 
     r = sub.add_parser("report", help="re-render report.md, results.csv and plots from a run folder")
     r.add_argument("run_dir")

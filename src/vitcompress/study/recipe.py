@@ -90,6 +90,7 @@ class Recipe:
     measure: MeasureConfig
     experiments: tuple[Experiment, ...]
     source: str = ""
+    search: Any = None  # vitcompress.search.SearchConfig, for `vitcompress search`
 
     def model_spec(self) -> ModelSpec:
         b = self.baseline
@@ -112,7 +113,7 @@ class Recipe:
         return _digest({"baseline": self.baseline_key(), "steps": [s.to_dict() for s in steps]})
 
 
-_TOP_KEYS = {"name", "description", "seed", "data", "baseline", "measure", "experiments"}
+_TOP_KEYS = {"name", "description", "seed", "data", "baseline", "measure", "experiments", "search"}
 
 
 def _digest(obj: Any) -> str:
@@ -194,7 +195,12 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
         raise VitcompressError(f"{source}: experiment name '{dup}' is used twice; names must be unique")
-    return Recipe(name.strip(), description, seed, data_cfg, baseline, measure, experiments, source)
+    search = None
+    if data.get("search") is not None:
+        from ..search.space import parse_search
+
+        search = parse_search(data["search"], f"{source}: search")
+    return Recipe(name.strip(), description, seed, data_cfg, baseline, measure, experiments, source, search)
 
 
 def bundled_recipes() -> list[str]:

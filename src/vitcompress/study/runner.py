@@ -265,7 +265,9 @@ class Study:
             rows = [r for r in rows if r.get("name") in wanted]
             meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
                     "dataset": self.recipe.data.name}
-            report = write_report(self.run_dir, rows, meta=meta)
+            from ..search.pareto import mark_pareto
+
+            report = write_report(self.run_dir, mark_pareto(rows), meta=meta)
         return StudyResult(self.run_dir, rows, report)
 
 

@@ -1,0 +1,94 @@
+"""The search report: every trial, the Pareto front, and the chosen candidate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _chain(row: dict[str, Any]) -> str:
+    steps = row.get("steps") or []
+    parts = []
+    for s in steps:
+        if "method" in s:
+            cfg = ", ".join(f"{k}={v}" for k, v in (s.get("config") or {}).items())
+            parts.append(f"{s['method']}({cfg})")
+        else:
+            parts.append(json.dumps(s))
+    return " → ".join(parts).replace("|", "\\|") or "baseline"
+
+
+def _plot(rows: list[dict[str, Any]], base: dict[str, Any], x: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    xs = {"size_mb": lambda r: r["size_bytes"] / 1e6, "cpu_img_s": lambda r: r["cpu_img_s"]}[x]
+    label = {"size_mb": "size of the saved model (MB)", "cpu_img_s": "CPU throughput (images/s)"}[x]
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    off = [r for r in ok if not r.get("pareto")]
+    on = sorted((r for r in ok if r.get("pareto")), key=xs)
+    ax.scatter([xs(r) for r in off], [r["top1"] for r in off], c="#9aa5b1", label="trial", zorder=2)
+    ax.scatter([xs(r) for r in on], [r["top1"] for r in on], c="#d62728", label="Pareto front", zorder=3)
+    ax.scatter([xs(base)], [base["top1"]], marker="*", s=180, c="#1f77b4", label="baseline", zorder=4)
+    for r in on:
+        ax.annotate(str(r["trial"]), (xs(r), r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if ok and max(map(xs, ok + [base])) / max(min(map(xs, ok + [base])), 1e-9) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("top-1 on the validation split (%)")
+    ax.set_title(f"Search: accuracy vs {label.split(' (')[0]}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def write_search_report(run_dir: Path, recipe: Any, base: dict[str, Any], rows: list[dict[str, Any]],
+                        best: dict[str, Any] | None, test_top1: dict[str, float]) -> Path:
+    b = recipe.search.budgets
+    budgets = [f"size ≤ {b.max_size_mb} MB" if b.max_size_mb is not None else None,
+               f"CPU ≥ {b.min_cpu_img_s} img/s ({b.runtime})" if b.min_cpu_img_s is not None else None,
+               f"accuracy drop ≤ {b.max_acc_drop} pt" if b.max_acc_drop is not None else None]
+    lines = [f"# vitcompress search: {recipe.name}", "",
+             f"- Budgets: {', '.join(x for x in budgets if x) or 'none'}",
+             f"- Trials: {len(rows)} ({sum(r.get('status') == 'ok' for r in rows)} finished), "
+             f"sampler {recipe.search.sampler}, validation split of {base.get('n_test')} training images",
+             f"- Baseline {recipe.baseline.name}: {base['top1']:.2f}% on validation, "
+             f"{test_top1.get(base['artifact'], float('nan')):.2f}% on the test split, "
+             f"{base['size_bytes'] / 1e6:.3f} MB, {base['cpu_img_s']:.1f} img/s", ""]
+    if best is not None:
+        lines += ["## Chosen candidate (best validation accuracy within the budgets)", "",
+                  f"- Trial {best['trial']}: {_chain(best)}",
+                  f"- Test top-1: **{test_top1.get(best['artifact'], float('nan')):.2f}%** "
+                  f"(validation {best['top1']:.2f}%), size {best['size_bytes'] / 1e6:.3f} MB "
+                  f"({100 * best['size_bytes'] / base['size_bytes']:.1f}% of the baseline), "
+                  f"CPU {best['cpu_img_s']:.1f} img/s ({best['cpu_img_s'] / base['cpu_img_s']:.2f}× the baseline)",
+                  f"- Artifact: `{best['artifact']}`", ""]
+    else:
+        lines += ["## Chosen candidate", "", "No trial met every budget.", ""]
+    header = ["| Trial | Chain | Val top-1 (%) | Size (MB) | CPU (img/s) | Within budgets | Pareto |",
+              "|---:|---|---:|---:|---:|---|---|"]
+    front = [r for r in rows if r.get("pareto")]
+    lines += ["## Pareto front (accuracy × size × CPU throughput)", "", *header]
+    lines += [_row(r) for r in sorted(front, key=lambda r: -r["top1"])]
+    lines += ["", "## All trials", "", *header]
+    lines += [_row(r) for r in rows]
+    lines += ["", "![accuracy vs size](plots/search_accuracy_vs_size.png)",
+              "![accuracy vs throughput](plots/search_accuracy_vs_cpu_speed.png)", ""]
+    _plot(rows, base, "size_mb", run_dir / "plots" / "search_accuracy_vs_size.png")
+    _plot(rows, base, "cpu_img_s", run_dir / "plots" / "search_accuracy_vs_cpu_speed.png")
+    path = run_dir / "search_report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _row(r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return f"| {r.get('trial')} | {_chain(r)} | failed: {r.get('error', '')[:80]} | | | | |"
+    return (f"| {r['trial']} | {_chain(r)} | {r['top1']:.2f} | {r['size_bytes'] / 1e6:.3f} | {r['cpu_img_s']:.1f} | "
+            f"{'yes' if r.get('feasible') else 'no'} | {'★' if r.get('pareto') else ''} |")

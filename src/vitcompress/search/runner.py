@@ -1,0 +1,203 @@
+"""``vitcompress search``: explore chains of methods under size / speed / accuracy budgets.
+
+No toolkit we know of searches *across* techniques (NNCF's accuracy control,
+INC and ModelOpt's AutoQuantize each tune one technique), so the loop is ours;
+the optimizer is Optuna's (multi-objective TPE or NSGA-II, with the budgets as
+constraints). Every candidate is a chain like a study experiment, built with
+the same runner (prefixes cached, training resumable) and measured by the same
+code. Accuracy during the search is measured on a validation split carved from
+the training split; the chains train on the rest. The test split is loaded once,
+after the search, to re-evaluate the chosen candidate.
+
+Outputs in the run folder: ``trials.jsonl`` (every trial as a row),
+``search_report.md`` (trials, Pareto front, the best candidate under the
+budgets with its test accuracy), ``plots/search_*.png``, ``best.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..artifact import load_artifact
+from ..data import ImageTensorDataset, load_split
+from ..errors import VitcompressError
+from ..measure import evaluate_accuracy
+from ..study.recipe import Experiment, Recipe, _parse_steps
+from ..study.results import append_row, load_rows
+from ..study.runner import Study, _RunLock
+from .pareto import mark_pareto
+from .space import SearchConfig, suggest_steps
+
+TRIALS_FILE = "trials.jsonl"
+
+
+class SearchStudy(Study):
+    """A study whose 'test' split is a validation slice of the training split."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, val_images: int, **kwargs: Any) -> None:
+        super().__init__(recipe, run_dir, **kwargs)
+        self.val_images = val_images
+        self.val_indices: torch.Tensor | None = None
+        self.fit_indices: torch.Tensor | None = None
+
+    def _artifact_dir(self, steps: tuple[Any, ...]) -> Path:
+        # Trained on fewer images than a study's models: never share their artifacts.
+        return self.run_dir / "artifacts" / f"val-{self.recipe.prefix_key(steps)}"
+
+    def _split(self) -> None:
+        full = load_split(self.recipe.data.name, "train", self.data_root, self.download)
+        if self.val_images >= len(full):
+            raise VitcompressError(f"search.val_images ({self.val_images}) must be below the {len(full)} training "
+                                   "images; lower it")
+        g = torch.Generator().manual_seed(self.recipe.seed + 7919)
+        perm = torch.randperm(len(full), generator=g)
+        self.val_indices, self.fit_indices = perm[: self.val_images], perm[self.val_images:]
+        self._train = full.subset(self.fit_indices)
+        self._test = full.subset(self.val_indices)
+
+    @property
+    def train_ds(self) -> ImageTensorDataset:
+        if self._train is None:
+            self._split()
+        assert self._train is not None
+        return self._train
+
+    @property
+    def test_ds(self) -> ImageTensorDataset:
+        if self._test is None:
+            self._split()
+        assert self._test is not None
+        return self._test
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    report: Path
+
+
+def _feasible(row: dict[str, Any], budgets: Any, base_top1: float) -> bool:
+    if row.get("status") != "ok":
+        return False
+    if budgets.max_size_mb is not None and row["size_bytes"] / 1e6 > budgets.max_size_mb:
+        return False
+    if budgets.min_cpu_img_s is not None and row["cpu_img_s"] < budgets.min_cpu_img_s:
+        return False
+    return not (budgets.max_acc_drop is not None and base_top1 - row["top1"] > budgets.max_acc_drop)
+
+
+def _violations(row: dict[str, Any], budgets: Any, base_top1: float) -> list[float]:
+    # Optuna's constraint convention: a value <= 0 means satisfied.
+    return [
+        (row["size_bytes"] / 1e6 - budgets.max_size_mb) if budgets.max_size_mb is not None else -1.0,
+        (budgets.min_cpu_img_s - row["cpu_img_s"]) if budgets.min_cpu_img_s is not None else -1.0,
+        ((base_top1 - row["top1"]) - budgets.max_acc_drop) if budgets.max_acc_drop is not None else -1.0,
+    ]
+
+
+def _sampler(cfg: SearchConfig, seed: int) -> Any:
+    import optuna
+
+    def constraints(trial: Any) -> list[float]:
+        return trial.user_attrs.get("violations", [1.0, 1.0, 1.0])
+
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True)
+
+
+def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int | None = None,
+               data_root: str | None = None, progress: bool = True, log: Any = None) -> SearchResult:
+    """Run (or resume) the search a recipe's ``search`` section describes."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if recipe.search is None:
+        raise VitcompressError(f"recipe '{recipe.name}' has no 'search' section; add one (see README: Search)")
+    cfg = recipe.search
+    n_trials = trials or cfg.trials
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"{recipe.name}-search"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    study = SearchStudy(recipe, run_dir, cfg.val_images, data_root=data_root, progress=progress, log=log)
+    say = study.log
+    trials_path = run_dir / TRIALS_FILE
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with _RunLock(run_dir):
+        study._check_run_dir()
+        rows = load_rows(trials_path)
+        base = next((r for r in rows if r.get("trial") == -1 and r.get("status") == "ok"), None)
+        if base is None:
+            say("▶ baseline (validation split)")
+            model, art = study._materialize(())
+            base = study._measure(Experiment(recipe.baseline.name, ()), model, art, 0.0) | {"trial": -1}
+            append_row(trials_path, base)
+        opt = optuna.create_study(
+            study_name=recipe.name, storage=f"sqlite:///{run_dir / 'optuna.db'}", load_if_exists=True,
+            directions=["maximize", "minimize", "maximize"], sampler=_sampler(cfg, recipe.seed),
+        )
+        for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # A trial the last run was killed in: its saved prefixes are reused by the next ones.
+            opt._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        while len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))) < n_trials:
+            trial = opt.ask()
+            steps_raw = suggest_steps(trial, cfg)
+            t0 = time.perf_counter()
+            try:
+                steps = _parse_steps(steps_raw, f"trial {trial.number}")
+                exp = Experiment(f"trial {trial.number}", steps)
+                say(f"▶ trial {trial.number}: {exp.method} {json.dumps(trial.params)}")
+                model, art = study._materialize(steps)
+                row = study._measure(exp, model, art, time.perf_counter() - t0)
+            except (VitcompressError, RuntimeError, ValueError) as exc:
+                msg = " ".join(str(exc).split())[:300]
+                say(f"  trial {trial.number} failed: {msg}")
+                append_row(trials_path, {"trial": trial.number, "name": f"trial {trial.number}", "status": "failed",
+                                         "error": msg, "steps": steps_raw, "params": trial.params})
+                opt.tell(trial, state=TrialState.FAIL)
+                continue
+            row |= {"trial": trial.number, "params": trial.params}
+            violations = _violations(row, cfg.budgets, base["top1"])
+            trial.set_user_attr("violations", violations)
+            row["feasible"] = all(v <= 0 for v in violations)
+            append_row(trials_path, row)
+            opt.tell(trial, [row["top1"], row["size_bytes"] / 1e6, row["cpu_img_s"]])
+            say(f"  val top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.3f} MB  "
+                f"cpu {row['cpu_img_s']:.0f} img/s  {'within' if row['feasible'] else 'outside'} budgets")
+
+        rows = [r for r in load_rows(trials_path) if r.get("trial", -1) >= 0]
+        ok = mark_pareto([r for r in rows if r.get("status") == "ok"])
+        feasible = [r for r in ok if _feasible(r, cfg.budgets, base["top1"])]
+        best = max(feasible, key=lambda r: (r["top1"], -r["size_bytes"])) if feasible else None
+        test_eval = _evaluate_on_test(study, [base] + ([best] if best else []), run_dir)
+        from .report import write_search_report
+
+        report = write_search_report(run_dir, recipe, base, rows, best, test_eval)
+    return SearchResult(run_dir, rows, best, report)
+
+
+def _evaluate_on_test(study: SearchStudy, rows: list[dict[str, Any]], run_dir: Path) -> dict[str, float]:
+    """Test-split top-1 of the baseline and the chosen candidate: the only use of the test split."""
+    path = run_dir / "best.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {r["artifact"] for r in rows}
+    if set(cached.get("test_top1", {})) == wanted:
+        return cached["test_top1"]
+    test = load_split(study.recipe.data.name, "test", study.data_root, study.download)
+    out = {}
+    for r in rows:
+        model = load_artifact(run_dir / Path(r["artifact"]).parent)
+        out[r["artifact"]] = evaluate_accuracy(model, test, img_size=study.spec.img_size,
+                                               in_chans=study.spec.in_chans)["top1"]
+    path.write_text(json.dumps({"test_top1": out, "best": rows[-1] if len(rows) > 1 else None}, indent=2,
+                               default=str))
+    return out

@@ -1,0 +1,93 @@
+"""Chains and search across techniques (issue: combinations and automatic search)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_recipe_dict
+
+import vitcompress.data as data_mod
+import vitcompress.search.runner as search_runner
+import vitcompress.study.runner as study_runner
+from vitcompress.errors import VitcompressError
+from vitcompress.search import pareto_mask
+from vitcompress.search.runner import run_search
+from vitcompress.study import parse_recipe
+
+pytestmark = pytest.mark.usefixtures("needs_fmnist")
+
+
+def test_pareto_mask() -> None:
+    pts = [(90, -10, 100), (89, -5, 100), (88, -6, 90), (90, -10, 100.5)]
+    assert pareto_mask(pts) == [False, True, False, True]
+
+
+def _search_recipe(**budgets) -> dict:
+    d = tiny_recipe_dict(experiments=[])
+    d["search"] = {
+        "trials": 4, "val_images": 200, "sampler": "random", "budgets": budgets,
+        "chains": [[{"ptq.dynamic": {"per_channel": {"choice": [True, False]}}}],
+                   [{"ptq.dynamic": {"skip_head": {"choice": [True, False]}}}]],
+    }
+    return d
+
+
+def test_search_space_is_validated() -> None:
+    d = _search_recipe()
+    d["search"]["chains"] = [[{"ptq.dynamic": {}}, {"ptq.dynamic": {"per_channel": {"choice": [True]}}}]]
+    with pytest.raises(VitcompressError, match="integer weights"):
+        parse_recipe(d)
+    d = _search_recipe()
+    d["search"]["chains"] = [[{"ptq.dynamic": {"per_channel": {"int": [3, 1]}}}]]
+    with pytest.raises(VitcompressError, match="low <= high"):
+        parse_recipe(d)
+
+
+def test_search_respects_the_size_budget_and_never_sees_the_test_split(tmp_path, monkeypatch) -> None:
+    calls: list[str] = []
+    real = data_mod.load_split
+
+    def spy(name, split, *a, **k):
+        calls.append(split)
+        return real(name, split, *a, **k)
+
+    monkeypatch.setattr(search_runner, "load_split", spy)
+    monkeypatch.setattr(study_runner, "load_split", spy)
+    measured: list[int] = []
+    real_eval = search_runner.evaluate_accuracy
+
+    def eval_spy(model, ds, **kw):
+        measured.append(len(ds))
+        return real_eval(model, ds, **kw)
+
+    monkeypatch.setattr(search_runner, "evaluate_accuracy", eval_spy)
+
+    # A budget no model can meet, then, on the same trials (resumed, nothing re-runs), one that some meet.
+    recipe = parse_recipe(_search_recipe(max_size_mb=0.001))
+    res = run_search(recipe, tmp_path / "s", progress=False, log=lambda m: None)
+    assert res.best is None
+    assert len(res.rows) == 4 and all(r["status"] == "ok" for r in res.rows)
+    sizes = sorted(r["size_bytes"] for r in res.rows)
+    recipe = parse_recipe(_search_recipe(max_size_mb=(sizes[0] + 1) / 1e6))
+    again = run_search(recipe, tmp_path / "s", progress=False, log=lambda m: None)
+    assert [r["trial"] for r in again.rows] == [r["trial"] for r in res.rows]
+    best = again.best
+    assert best is not None and best["size_bytes"] == sizes[0]
+    assert best["size_bytes"] / 1e6 <= recipe.search.budgets.max_size_mb
+    assert (tmp_path / "s" / best["artifact"]).stat().st_size == best["size_bytes"]
+    # Searching read only the training split; the test split was read once per run, for the final check.
+    assert calls.count("test") == 2 and calls.count("train") == 2
+    assert all(r["n_test"] == 200 for r in again.rows)
+    assert measured == [10000, 10000, 10000]  # test-split evaluations: baseline, then baseline + best
+    cached = json.loads((tmp_path / "s" / "best.json").read_text())
+    assert best["artifact"] in cached["test_top1"]
+    assert (tmp_path / "s" / "search_report.md").read_text().count("★") >= 1
+
+
+def test_validation_split_is_carved_from_train(tmp_path) -> None:
+    recipe = parse_recipe(_search_recipe())
+    s = search_runner.SearchStudy(recipe, tmp_path, 200, progress=False, log=lambda m: None)
+    _ = s.train_ds
+    val, fit = set(s.val_indices.tolist()), set(s.fit_indices.tolist())
+    assert len(val) == 200 and not (val & fit) and len(val | fit) == 60000
