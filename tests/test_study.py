@@ -124,3 +124,14 @@ def test_sigkill_mid_study_then_rerun_gives_every_row_once(tmp_path) -> None:
     names = [r["name"] for r in rows]
     assert sorted(names) == sorted(["Vanilla ViT", "Dynamic Quantization", "Per-tensor"])
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_same_recipe_and_seed_give_identical_accuracy_and_size(tmp_path) -> None:
+    recipe = parse_recipe(tiny_recipe_dict())
+    a = run_study(recipe, tmp_path / "a", progress=False, log=lambda m: None).rows
+    b = run_study(recipe, tmp_path / "b", progress=False, log=lambda m: None).rows
+    key = ("name", "top1", "size_bytes", "params", "macs")
+    assert [tuple(r[k] for k in key) for r in a] == [tuple(r[k] for k in key) for r in b]
+    for art_a, art_b in zip(sorted((tmp_path / "a").rglob("model.safetensors")),
+                            sorted((tmp_path / "b").rglob("model.safetensors"))):
+        assert art_a.read_bytes() == art_b.read_bytes()

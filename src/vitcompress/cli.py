@@ -27,7 +27,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 160)
     result = run_study(recipe, args.out, data_root=args.data_root, download=args.download or None,
-                       progress=not args.no_progress, debug=args.debug)
+                       progress=not args.no_progress, debug=args.debug, executor=args.executor,
+                       address=args.address)
     console.print(render_terminal_table(result.rows))
     console.print(f"report: {result.report['report']}")
     return 0
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-root", default=None, help="folder holding the dataset files")
     s.add_argument("--download", action="store_true", help="download the dataset when online")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="run experiments one by one here (default) or as Ray tasks")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
     s.set_defaults(func=_cmd_study)
 
     se = sub.add_parser("search", help="search chains of methods under the recipe's budgets (resumable)")

@@ -225,53 +225,82 @@ class Study:
                                    "command": " ".join(["vitcompress", *sys.argv[1:]])}, indent=2))
         os.replace(tmp, info_path)
 
-    def run(self) -> StudyResult:
+    def run_experiment(self, exp: Experiment) -> dict[str, Any]:
+        """Build (or load) ``exp``'s model and measure it; a failure becomes a 'failed' row.
+
+        A failed baseline raises instead: nothing else can run without it.
+        """
+        t0 = time.perf_counter()
+        try:
+            model, art = self._materialize(exp.steps)
+            meta = read_meta(art)
+            seconds = meta["seconds"]
+            if exp.steps:  # the baseline's training is shared: count this chain's own steps only
+                seconds -= read_meta(self._artifact_dir(()))["seconds"]
+            return self._measure(exp, model, art, seconds)
+        except (VitcompressError, RuntimeError, ValueError) as exc:
+            if self.debug or not exp.steps:
+                raise
+            msg = " ".join(str(exc).split())[:300]
+            if not isinstance(exc, VitcompressError):
+                msg = f"{type(exc).__name__}: {msg}"
+                self.log(traceback.format_exc(limit=3))
+            return self._failed_row(exp, msg, time.perf_counter() - t0)
+
+    def _record(self, row: dict[str, Any]) -> None:
+        append_row(self.results_path, row)
+        status = (f"top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.2f} MB  "
+                  f"cpu {row['cpu_img_s']:.1f} img/s" if row["status"] == "ok" else f"FAILED: {row['error']}")
+        self.log(f"  {row['name']}: {status}")
+
+    def pending(self) -> list[Experiment]:
+        """Experiments without an ok row for their current steps, baseline first."""
+        done = {r["name"]: r for r in load_rows(self.results_path) if r.get("status") == "ok"}
+        out = []
+        for exp in (Experiment(self.recipe.baseline.name, ()), *self.recipe.experiments):
+            prev = done.get(exp.name)
+            if prev is not None and prev.get("steps") == [s.to_dict() for s in exp.steps]:
+                self.log(f"✓ {exp.name}: already measured, skipped")
+            else:
+                out.append(exp)
+        return out
+
+    def run(self, executor: str = "local", address: str | None = None) -> StudyResult:
         from ..report import write_report
+        from ..search.pareto import mark_pareto
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with _RunLock(self.run_dir):
             self._check_run_dir()
             _ = self.train_ds, self.test_ds  # a missing dataset fails here, before any work
-            done = {r["name"]: r for r in load_rows(self.results_path) if r.get("status") == "ok"}
-            baseline_exp = Experiment(self.recipe.baseline.name, ())
-            for exp in (baseline_exp, *self.recipe.experiments):
-                steps = [s.to_dict() for s in exp.steps]
-                prev = done.get(exp.name)
-                if prev is not None and prev.get("steps") == steps:
-                    self.log(f"✓ {exp.name}: already measured, skipped")
-                    continue
-                self.log(f"▶ {exp.name}")
-                t0 = time.perf_counter()
-                try:
-                    model, art = self._materialize(exp.steps)
-                    meta = read_meta(art)
-                    seconds = meta["seconds"] if not exp.steps else meta["seconds"] - read_meta(
-                        self._artifact_dir(()))["seconds"]
-                    row = self._measure(exp, model, art, seconds)
-                except (VitcompressError, RuntimeError, ValueError) as exc:
-                    if self.debug or not exp.steps:
-                        raise  # without a baseline nothing else can run
-                    msg = " ".join(str(exc).split())[:300]
-                    if not isinstance(exc, VitcompressError):
-                        msg = f"{type(exc).__name__}: {msg}"
-                        self.log(traceback.format_exc(limit=3))
-                    row = self._failed_row(exp, msg, time.perf_counter() - t0)
-                append_row(self.results_path, row)
-                status = (f"top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.2f} MB  "
-                          f"cpu {row['cpu_img_s']:.1f} img/s" if row["status"] == "ok" else f"FAILED: {row['error']}")
-                self.log(f"  {exp.name}: {status}")
+            todo = self.pending()
+            # The baseline runs here in every executor: each chain starts from its saved model.
+            if todo and not todo[0].steps:
+                self.log(f"▶ {todo[0].name}")
+                self._record(self.run_experiment(todo.pop(0)))
+            if executor == "ray" and todo:
+                from .executors import run_on_ray
+
+                run_on_ray(self, todo, address, self._record)
+            else:
+                for exp in todo:
+                    self.log(f"▶ {exp.name}")
+                    self._record(self.run_experiment(exp))
             rows = load_rows(self.results_path)
             wanted = {self.recipe.baseline.name, *(e.name for e in self.recipe.experiments)}
             rows = [r for r in rows if r.get("name") in wanted]
             meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
                     "dataset": self.recipe.data.name}
-            from ..search.pareto import mark_pareto
-
             report = write_report(self.run_dir, mark_pareto(rows), meta=meta)
         return StudyResult(self.run_dir, rows, report)
 
 
-def run_study(recipe: Recipe, out_dir: str | os.PathLike | None = None, **kwargs: Any) -> StudyResult:
-    """Run (or resume) ``recipe`` into ``out_dir`` (default ``runs/<recipe name>``)."""
+def run_study(recipe: Recipe, out_dir: str | os.PathLike | None = None, *, executor: str = "local",
+              address: str | None = None, **kwargs: Any) -> StudyResult:
+    """Run (or resume) ``recipe`` into ``out_dir`` (default ``runs/<recipe name>``).
+
+    ``executor="ray"`` sends the experiments after the baseline to a Ray cluster
+    (``address``, or a local Ray instance when None).
+    """
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / recipe.name
-    return Study(recipe, run_dir, **kwargs).run()
+    return Study(recipe, run_dir, **kwargs).run(executor, address)
