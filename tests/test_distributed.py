@@ -31,3 +31,25 @@ def test_two_processes_match_one_process_at_the_same_global_batch(tmp_path) -> N
     # Same data, same global batch, averaged gradients: equal up to float summation order.
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-2
+
+
+@pytest.mark.slow
+def test_a_whole_study_under_accelerate_launch_writes_each_row_once(tmp_path) -> None:
+    import yaml
+    from conftest import FMNIST, tiny_recipe_dict
+
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed")
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        pytest.skip("accelerate CLI not installed")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict()))
+    res = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vitcompress", "study",
+                          str(recipe), "--out", str(tmp_path / "run"), "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["Vanilla ViT", "Dynamic Quantization"]
+    assert all(r["status"] == "ok" for r in rows)

@@ -29,6 +29,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     result = run_study(recipe, args.out, data_root=args.data_root, download=args.download or None,
                        progress=not args.no_progress, debug=args.debug, executor=args.executor,
                        address=args.address)
+    if not result.report:  # a non-main process of `accelerate launch`: the main one prints
+        return 0
     console.print(render_terminal_table(result.rows))
     console.print(f"report: {result.report['report']}")
     return 0

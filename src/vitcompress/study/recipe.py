@@ -166,6 +166,9 @@ def _parse_experiment(raw: Any, where: str) -> Experiment:
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     """A validated :class:`Recipe` from the mapping a YAML file holds."""
+    from ..methods.registry import _load_builtin_methods
+
+    _load_builtin_methods()  # method families also register model presets (e.g. distillation students)
     if not isinstance(data, dict):
         raise VitcompressError(f"{source}: a recipe is a YAML mapping with keys {', '.join(sorted(_TOP_KEYS))}")
     unknown = set(data) - _TOP_KEYS

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import dist
 from ..artifact import load_artifact, read_meta, save_artifact, size_on_disk
 from ..config import to_dict
 from ..data import ImageTensorDataset, load_split, make_loader
@@ -58,13 +59,26 @@ class StudyResult:
     report: dict[str, Any]
 
 
+def _final_model_name(meta: dict[str, Any], default: str) -> str:
+    """The architecture a chain ends with: the last step that built a new model (a student) names it."""
+    name = default
+    for step in meta.get("steps", []):
+        student = (step.get("meta") or {}).get("student")
+        if isinstance(student, dict) and student.get("name"):
+            name = student["name"]
+    return name
+
+
 class _RunLock:
     """One study per run folder at a time (a second would interleave rows and checkpoints)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.path = run_dir / ".lock"
+        self.enabled = enabled
 
     def __enter__(self) -> _RunLock:
+        if not self.enabled:  # the other processes of an `accelerate launch` study
+            return self
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,6 +89,8 @@ class _RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.enabled:
+            return
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
@@ -173,7 +189,9 @@ class Study:
             # Quantization keeps the MAC count; the counter cannot see quantized modules.
             "macs": macs if macs is not None else parent_meta.get("macs"),
         }
-        save_artifact(model, art, meta)
+        if dist.is_main():
+            save_artifact(model, art, meta)
+        dist.barrier()
         return load_artifact(art), art
 
     # ---- rows -------------------------------------------------------------------------------
@@ -188,8 +206,8 @@ class Study:
         gpu = gpu_speed(model, example, m)
         return {
             "name": exp.name, "method": exp.method, "steps": [s.to_dict() for s in exp.steps],
-            "dataset": self.recipe.data.name, "model": self.spec.name, "baseline": not exp.steps,
-            "status": "ok", "error": None,
+            "dataset": self.recipe.data.name, "model": _final_model_name(meta, self.spec.name),
+            "baseline": not exp.steps, "status": "ok", "error": None,
             **acc,
             "size_bytes": size_on_disk(art), "params": count_params(model), "macs": meta.get("macs"),
             **speed, "batch_size": m.batch_size, "threads": m.resolved_threads(),
@@ -233,6 +251,8 @@ class Study:
         t0 = time.perf_counter()
         try:
             model, art = self._materialize(exp.steps)
+            if not dist.is_main():
+                return {}  # under accelerate launch only the main process measures and writes
             meta = read_meta(art)
             seconds = meta["seconds"]
             if exp.steps:  # the baseline's training is shared: count this chain's own steps only
@@ -248,6 +268,8 @@ class Study:
             return self._failed_row(exp, msg, time.perf_counter() - t0)
 
     def _record(self, row: dict[str, Any]) -> None:
+        if not dist.is_main():
+            return
         append_row(self.results_path, row)
         status = (f"top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.2f} MB  "
                   f"cpu {row['cpu_img_s']:.1f} img/s" if row["status"] == "ok" else f"FAILED: {row['error']}")
@@ -268,10 +290,13 @@ class Study:
     def run(self, executor: str = "local", address: str | None = None) -> StudyResult:
         from ..report import write_report
         from ..search.pareto import mark_pareto
+        from ..train import resolve_mixed_precision
 
+        dist.init_if_launched(resolve_mixed_precision(self.recipe.baseline.train.mixed_precision))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with _RunLock(self.run_dir):
-            self._check_run_dir()
+        with _RunLock(self.run_dir, enabled=dist.is_main()):
+            if dist.is_main():
+                self._check_run_dir()
             _ = self.train_ds, self.test_ds  # a missing dataset fails here, before any work
             todo = self.pending()
             # The baseline runs here in every executor: each chain starts from its saved model.
@@ -286,7 +311,10 @@ class Study:
                 for exp in todo:
                     self.log(f"▶ {exp.name}")
                     self._record(self.run_experiment(exp))
+            dist.barrier()
             rows = load_rows(self.results_path)
+            if not dist.is_main():
+                return StudyResult(self.run_dir, rows, {})
             wanted = {self.recipe.baseline.name, *(e.name for e in self.recipe.experiments)}
             rows = [r for r in rows if r.get("name") in wanted]
             meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
