@@ -235,7 +235,10 @@ def fit(
             lr = lr_at(step, total, warmup, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(model, x, y)
+            # The whole loss under autocast, not only the prepared model's forward: a teacher
+            # (distillation) or a reference model called inside loss_fn runs in bf16 too.
+            with accelerator.autocast():
+                loss = loss_fn(model, x, y)
             if not torch.isfinite(loss.detach()):
                 raise TrainingDiverged(
                     f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; "

@@ -1,0 +1,62 @@
+"""``train``: the distillation study's control, the same student trained without a teacher.
+
+DeiT (Touvron et al. 2021, Table 3) reads what distillation adds by comparing a
+distilled student with the same architecture trained on the labels alone; this
+method is that second row. It trains a fresh student ("tiny", "same" or a model
+name, as in :mod:`.students`, the layout read from the incoming model) with the
+baseline's plain label-smoothed cross-entropy, through the same loop and budget
+as ``distill``. By default the student has no distillation token (DeiT's
+"no distillation" row); ``dist_token: true`` gives the token architecture
+trained on labels only, both heads averaged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ...config import check
+from ...models import is_known_model
+from ..registry import StepOutput, register_method
+from .method import build_student, finish, restore_student, train_kwargs
+from .students import STUDENT_CHOICES
+
+
+@dataclass(frozen=True)
+class TrainStudentConfig:
+    student: str = "tiny"  # "tiny", "same", "input" (keep training the incoming model) or a model name
+    dist_token: bool = False
+    epochs: int | None = None  # None: as many as the baseline trained
+    lr: float | None = None  # None: the baseline's
+    train_subset: int | None = None  # None: the baseline's
+    pretrained: bool = False  # a named hub student starts from hub weights
+
+    def __post_init__(self) -> None:
+        check(self.student in STUDENT_CHOICES or is_known_model(self.student),
+              f"unknown student '{self.student}'; use tiny, same, input or a model name")
+        check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        check(self.lr is None or 0 < self.lr < 10, f"lr must be in (0, 10), got {self.lr}")
+        check(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1 or null")
+        check(not (self.student == "input" and self.dist_token),
+              "student 'input' keeps the incoming model as it is; drop dist_token")
+        check(not self.pretrained or (self.student not in STUDENT_CHOICES and not self.student.startswith("vitc_")),
+              "pretrained applies to a named hub student (e.g. deit_tiny_distilled_patch16_224); "
+              "same/tiny/input and the vitc_* presets have no hub weights")
+
+
+@register_method(
+    "train",
+    TrainStudentConfig,
+    family="training",
+    summary="train a student on the labels alone (the control row for distillation)",
+    restore=restore_student,
+)
+def train_student(model: nn.Module, cfg: TrainStudentConfig, ctx: Any) -> StepOutput:
+    student, spec = build_student(cfg.student, model, model, ctx, dist_token=cfg.dist_token,
+                                  pretrained=cfg.pretrained)
+    result = ctx.fit(student, desc=f"{ctx.name} (labels only)", **train_kwargs(cfg))
+    student = finish(result.model)
+    return StepOutput(student, {"student": spec, "params": sum(p.numel() for p in student.parameters()),
+                                "history": result.history})

@@ -1,0 +1,178 @@
+"""``distill``: train a student from a teacher (the study's "DeiT base" and "DeiT tiny" rows).
+
+Knowledge distillation (Hinton et al. 2015) with the losses of :mod:`.losses`:
+soft (the study's eq. 4), hard (eq. 5) or DeiT's distillation token (Touvron et
+al. 2021, section 4; the default, as in the study's DeiT rows). The teacher is
+the study's baseline unless the config names another (an artifact folder, or a
+checkpoint file with its model name, a timm CNN included); it runs without
+gradients in eval mode. The student is built fresh (see :mod:`.students`) and
+trained through the shared loop, so it resumes after a kill and runs under
+``accelerate launch``. The step's output replaces the incoming model: the
+artifact's meta holds the student's ``ModelSpec``, from which ``restore``
+rebuilds it.
+
+Teacher logits are not cached: the loss sees only a batch, not which images it
+holds, and the loop augments every epoch anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from ...config import check
+from ...errors import VitcompressError
+from ...models import ModelSpec, create_model, is_known_model, load_weights
+from ..registry import StepOutput, register_method
+from .losses import DistTarget, LossName, make_distill_loss
+from .students import STUDENT_CHOICES, check_same_layout, init_from_teacher, student_spec
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # "same" (teacher's layout), "tiny" (half width, ~1/4 the parameters), "input" (the incoming model), or a name.
+    student: str = "same"
+    # None: a distillation token for loss "deit", none for "soft"/"hard" (DeiT's plain-distillation rows).
+    dist_token: bool | None = None
+    loss: LossName = "deit"
+    dist_target: DistTarget = "hard"  # what the distillation head learns with loss "deit"
+    alpha: float = 0.5  # λ: the teacher term's weight (hard / deit: ½ as in eq. 5 and DeiT)
+    # τ = 3 softens a confident teacher enough to pass on how it ranks the wrong classes (Hinton et al.'s
+    # "dark knowledge"); at τ = 1 a label-smoothed teacher's target is almost its argmax. τ² keeps λ's meaning.
+    tau: float = 3.0
+    epochs: int | None = None  # None: as many as the baseline trained
+    lr: float | None = None  # None: the baseline's
+    train_subset: int | None = None  # None: the baseline's
+    init_from_teacher: bool = False  # "same" only: start from the teacher's weights instead of random ones
+    pretrained: bool = False  # a named hub student (e.g. deit_tiny_distilled_patch16_224) starts from hub weights
+    teacher: str | None = None  # None: the study's baseline; else an artifact folder or a checkpoint file
+    teacher_model: str | None = None  # the model a teacher checkpoint file fits (None: the baseline's)
+
+    def __post_init__(self) -> None:
+        check(self.student in STUDENT_CHOICES or is_known_model(self.student),
+              f"unknown student '{self.student}'; use same, tiny, input or a model name")
+        check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        check(self.tau > 0, f"tau must be > 0, got {self.tau}")
+        check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
+        check(self.lr is None or 0 < self.lr < 10, f"lr must be in (0, 10), got {self.lr}")
+        check(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1 or null")
+        check(not (self.loss == "deit" and self.dist_token is False),
+              "loss 'deit' trains the distillation token's head; drop dist_token: false or pick loss soft/hard")
+        check(not (self.student == "input" and self.dist_token is not None),
+              "student 'input' keeps the incoming model as it is; drop dist_token")
+        check(not self.init_from_teacher or self.student == "same", "init_from_teacher needs student: same")
+        check(not self.pretrained or (self.student not in STUDENT_CHOICES and not self.student.startswith("vitc_")),
+              "pretrained applies to a named hub student (e.g. deit_tiny_distilled_patch16_224); "
+              "same/tiny/input and the vitc_* presets have no hub weights")
+        check(self.teacher_model is None or self.teacher is not None, "teacher_model needs teacher (a checkpoint)")
+        check(self.teacher_model is None or is_known_model(self.teacher_model),
+              f"unknown teacher_model '{self.teacher_model}'")
+
+    @property
+    def uses_token(self) -> bool:
+        return self.loss == "deit" if self.dist_token is None else self.dist_token
+
+
+def load_teacher(cfg: DistillConfig, ctx: Any, incoming: nn.Module) -> nn.Module:
+    """The teacher the config names: the study's baseline, an artifact, or a checkpoint file."""
+    if cfg.teacher is None:
+        # Without a study (a bare context), the incoming model teaches.
+        return ctx.teacher if ctx.teacher is not None else incoming
+    path = Path(cfg.teacher)
+    if path.is_dir():
+        from ...artifact import load_artifact
+
+        return load_artifact(path)
+    if cfg.teacher_model is not None:
+        model = _create_teacher(cfg.teacher_model, ctx)
+    elif ctx.teacher is not None:
+        model = copy.deepcopy(ctx.teacher)  # a checkpoint of the baseline's architecture
+    else:
+        raise VitcompressError(f"teacher {path}: set teacher_model to the model this checkpoint fits")
+    return load_weights(model, path).eval()
+
+
+def _create_teacher(name: str, ctx: Any) -> nn.Module:
+    # The teacher is never saved, so it needs no ModelSpec; a CNN takes any image size and has no
+    # img_size argument, which create_model (made for ViTs) always passes.
+    kwargs = {"num_classes": ctx.num_classes, "in_chans": ctx.in_chans}
+    try:
+        return timm.create_model(name, img_size=ctx.img_size, **kwargs)
+    except TypeError:
+        return timm.create_model(name, **kwargs)
+
+
+def build_student(choice: str, reference: nn.Module, incoming: nn.Module, ctx: Any, *, dist_token: bool,
+                  pretrained: bool) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The student module and the spec that rebuilds it (None for "input", which keeps ``incoming``)."""
+    if choice == "input":
+        return incoming, None
+    spec = student_spec(choice, reference, dist_token=dist_token, num_classes=ctx.num_classes,
+                        img_size=ctx.img_size, in_chans=ctx.in_chans, pretrained=pretrained)
+    student = create_model(spec)
+    if choice == "same":
+        check_same_layout(student, reference)
+    # Saved without hub or file sources: the artifact's own tensors fill the rebuilt student.
+    return student, spec.to_dict() | {"pretrained": False, "checkpoint": None}
+
+
+def restore_student(model: nn.Module, cfg: Any, meta: dict[str, Any]) -> nn.Module:
+    """The student this step produced, rebuilt from meta (the incoming model is only kept for "input")."""
+    spec = meta.get("student")
+    if spec is None:
+        return model
+    return create_model(ModelSpec(**spec))
+
+
+def train_kwargs(cfg: Any) -> dict[str, Any]:
+    """TrainConfig overrides from a method config's epochs / lr / train_subset (None keeps the baseline's)."""
+    return {k: getattr(cfg, k) for k in ("epochs", "lr", "train_subset") if getattr(cfg, k) is not None}
+
+
+def finish(student: nn.Module) -> nn.Module:
+    """Inference mode: eval, and a distilled student averages its two heads."""
+    if hasattr(student, "set_distilled_training"):
+        student.set_distilled_training(False)
+    return student.cpu().eval()
+
+
+@register_method(
+    "distill",
+    DistillConfig,
+    family="distillation",
+    summary="train a student from the teacher: soft / hard / DeiT distillation token (DeiT base, DeiT tiny)",
+    restore=restore_student,
+)
+def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
+    teacher = load_teacher(cfg, ctx, model)
+    student, spec = build_student(cfg.student, teacher, model, ctx, dist_token=cfg.uses_token,
+                                  pretrained=cfg.pretrained)
+    if student is teacher:
+        raise VitcompressError("student 'input' is the teacher here; name a teacher (teacher: ARTIFACT_DIR)")
+    if cfg.init_from_teacher:
+        init_from_teacher(student, teacher)
+    if cfg.loss == "deit":
+        if not hasattr(student, "set_distilled_training"):
+            raise VitcompressError(f"loss 'deit' needs a student with a distillation token; "
+                                   f"{type(student).__name__} has none (use student same/tiny or a *_dist model)")
+        student.set_distilled_training(True)
+    loss_fn = make_distill_loss(cfg.loss, teacher, alpha=cfg.alpha, tau=cfg.tau, dist_target=cfg.dist_target,
+                                label_smoothing=ctx.baseline_train.label_smoothing)
+    result = ctx.fit(student, loss_fn=loss_fn, desc=f"{ctx.name} ({cfg.loss})", extra_modules=(teacher,),
+                     **train_kwargs(cfg))
+    student = finish(result.model)
+    meta = {
+        "student": spec,
+        "params": sum(p.numel() for p in student.parameters()),
+        "history": result.history,
+    }
+    return StepOutput(student, meta)
+
+
+__all__ = ["DistillConfig", "build_student", "distill", "finish", "load_teacher", "restore_student", "train_kwargs"]
+

@@ -1,0 +1,192 @@
+"""Students for distillation: the teacher's architecture or a quarter of it, with or without a distillation token.
+
+The distillation token is DeiT's (Touvron et al. 2021, "Training data-efficient
+image transformers & distillation through attention", section 4): a second
+learned token next to the class token, read by its own head, that learns the
+teacher's prediction while the class head learns the label; at inference the two
+heads' logits are averaged. timm's ``VisionTransformerDistilled`` implements it
+(``timm.models.deit``): with ``set_distilled_training(True)`` and in train mode
+its forward returns ``(class_logits, dist_logits)``, otherwise their average.
+
+Students are named in a recipe by
+
+* ``"same"``: the teacher's own layout (width, depth, heads, patches), as DeiT-B
+  is ViT-B's layout ("DeiT base");
+* ``"tiny"``: half the teacher's width at the same depth, about a quarter of its
+  parameters, since a block's weights grow with width squared ("DeiT tiny");
+* any timm or vitcompress model name, e.g. the registered presets below or
+  ``deit_tiny_distilled_patch16_224`` for the 224 px setting.
+
+"same" and "tiny" are read from the teacher module, so they work for the presets
+and for hub ViTs alike, and resolve to a ``ModelSpec`` of the generic entry points
+``vitc_vit`` / ``vitc_deit`` with the layout in its ``kwargs``: that spec is all a
+saved artifact needs to rebuild the student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from timm.models import register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ...errors import VitcompressError
+from ...models import ModelSpec, is_known_model
+from ...models.presets import PRESETS
+
+# Narrower heads than this learn poorly; "tiny" lowers the head count instead.
+MIN_HEAD_DIM = 16
+STUDENT_CHOICES = ("same", "tiny", "input")
+
+
+def _vit(distilled: bool, **kwargs: Any) -> VisionTransformer:
+    for key in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)  # timm passes its hub arguments on; these students have no hub weights
+    kwargs.setdefault("in_chans", 1)
+    kwargs.setdefault("num_classes", 10)
+    return VisionTransformerDistilled(**kwargs) if distilled else VisionTransformer(**kwargs)
+
+
+@register_model
+def vitc_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A plain ViT of any layout given in kwargs (the "tiny" student without a token)."""
+    return _vit(False, **kwargs)
+
+
+@register_model
+def vitc_deit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A ViT with DeiT's distillation token, of any layout given in kwargs."""
+    return _vit(True, **kwargs)
+
+
+def quarter_arch(arch: dict[str, Any]) -> dict[str, Any]:
+    """Half the width at the same depth: about a quarter of the parameters and of the MACs.
+
+    The head count stays the teacher's unless a head would be narrower than
+    ``MIN_HEAD_DIM`` channels (vitc_tiny 192/3 heads -> 96/3; vitc_quick 96/4 -> 48/3).
+    """
+    width = int(arch["embed_dim"]) // 2
+    if width < MIN_HEAD_DIM:
+        raise VitcompressError(f"a teacher {arch['embed_dim']} wide is too narrow for a 'tiny' student; "
+                               "name a student model instead")
+    heads = int(arch["num_heads"])
+    while heads > 1 and (width % heads or width // heads < MIN_HEAD_DIM):
+        heads -= 1
+    return {**arch, "embed_dim": width, "num_heads": heads}
+
+
+def _student_presets() -> dict[str, tuple[dict[str, Any], bool, str]]:
+    # <preset>_dist: the preset with a distillation token ("same"); <preset>_quarter[_dist]: its "tiny" student.
+    out: dict[str, tuple[dict[str, Any], bool, str]] = {}
+    for name, (arch, _) in PRESETS.items():
+        q = quarter_arch(arch)
+        out[f"{name}_dist"] = (dict(arch), True, f"{name} with DeiT's distillation token")
+        out[f"{name}_quarter"] = (q, False, f"{name} at half width ({q['embed_dim']}, {q['num_heads']} heads): "
+                                            "about 1/4 of the parameters")
+        out[f"{name}_quarter_dist"] = (q, True, f"{name}_quarter with DeiT's distillation token")
+    return out
+
+
+# Named students for the small presets, so a recipe can name one (name -> (layout, token?, text)).
+STUDENT_PRESETS = _student_presets()
+
+
+def _entry_point(name: str) -> Callable[..., VisionTransformer]:
+    arch, distilled, text = STUDENT_PRESETS[name]
+
+    def build(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+        return _vit(distilled, **{**arch, **kwargs})
+
+    build.__name__ = build.__qualname__ = name  # timm registers an entry point under its function name
+    build.__doc__ = text
+    return build
+
+
+for _student in STUDENT_PRESETS:
+    register_model(_entry_point(_student))
+
+
+def teacher_arch(teacher: nn.Module) -> dict[str, Any]:
+    """The layout of a timm ViT teacher as constructor kwargs; the rest stays at timm's ViT defaults.
+
+    ``check_same_layout`` catches a teacher that differs in what is not read here.
+    """
+    if not isinstance(teacher, VisionTransformer) or not len(teacher.blocks):
+        raise VitcompressError(
+            f"student 'same'/'tiny' copies a ViT teacher's layout, but the teacher is a {type(teacher).__name__}; "
+            "name the student model instead (e.g. student: vitc_tiny_quarter_dist)"
+        )
+    patch = teacher.patch_embed.patch_size
+    attn = teacher.blocks[0].attn
+    fc1 = getattr(teacher.blocks[0].mlp, "fc1", None)
+    if patch[0] != patch[1] or not isinstance(fc1, nn.Linear) or not hasattr(attn, "qkv"):
+        raise VitcompressError("this teacher's blocks are not timm's standard ViT blocks; name the student model")
+    return {
+        "patch_size": int(patch[0]),
+        "embed_dim": int(teacher.embed_dim),
+        "depth": len(teacher.blocks),
+        "num_heads": int(attn.num_heads),
+        "mlp_ratio": fc1.out_features / teacher.embed_dim,
+        "qkv_bias": attn.qkv.bias is not None,
+    }
+
+
+def student_spec(choice: str, reference: nn.Module | None, *, dist_token: bool, num_classes: int, img_size: int,
+                 in_chans: int, pretrained: bool = False) -> ModelSpec:
+    """The spec of the student ``choice`` names; ``reference`` (the teacher) fixes "same" and "tiny"."""
+    if choice in ("same", "tiny"):
+        if reference is None:
+            raise VitcompressError(f"student '{choice}' needs a teacher to copy the layout from")
+        arch = teacher_arch(reference)
+        if choice == "tiny":
+            arch = quarter_arch(arch)
+        return ModelSpec("vitc_deit" if dist_token else "vitc_vit", num_classes, img_size, in_chans, kwargs=arch)
+    if not is_known_model(choice):
+        raise VitcompressError(f"unknown student model '{choice}'; use 'same', 'tiny', a preset "
+                               f"({', '.join(STUDENT_PRESETS)}) or a timm model name")
+    return ModelSpec(choice, num_classes, img_size, in_chans, pretrained=pretrained)
+
+
+def check_same_layout(student: nn.Module, teacher: nn.Module) -> None:
+    """Every teacher weight has a student twin of the same shape (pos_embed aside), or a one-line error.
+
+    Guards "same": a ViT variant whose layout ``teacher_arch`` cannot read (layer
+    scale, q/k norms, pooling heads) would otherwise give a student that only looks alike.
+    """
+    own = student.state_dict()
+    for key, value in teacher.state_dict().items():
+        if key == "pos_embed":
+            continue
+        if key not in own or own[key].shape != value.shape:
+            raise VitcompressError(
+                f"student 'same' does not mirror the teacher (weight {key}); name the student model instead"
+            )
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Start a "same" student at the teacher's weights; the token's position and head start as the class token's.
+
+    The distillation token itself keeps its random start, so the two tokens do not
+    begin as one and the same vector.
+    """
+    check_same_layout(student, teacher)
+    state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    own = student.state_dict()
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != own["pos_embed"].shape:
+        if own["pos_embed"].shape[1] != pos.shape[1] + 1:
+            raise VitcompressError("cannot map the teacher's position embedding onto the student's; "
+                                   "set init_from_teacher: false")
+        # (1, 1 + P, D) -> (1, 2 + P, D): class, distillation (the class token's position), then patches.
+        state["pos_embed"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
+    if "head_dist.weight" in own and "head_dist.weight" not in state:
+        state["head_dist.weight"] = state["head.weight"].clone()
+        state["head_dist.bias"] = state["head.bias"].clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"dist_token"}:
+        raise VitcompressError(f"cannot start the student at the teacher's weights ({(unexpected or missing)[0]}); "
+                               "set init_from_teacher: false")
