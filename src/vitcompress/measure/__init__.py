@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,9 @@ class MeasureConfig:
     eval_batch_size: int = 256
     gpu: bool = True  # measure on CUDA when a GPU is present
     test_subset: int | None = None  # evaluate on the first N test images (tests only; reports show N)
+    # Where to run each model: "auto" (PyTorch eager, plus ONNX Runtime for our QDQ-quantized models),
+    # "all" (every runtime installed), or names from vitcompress.measure.runtimes.RUNTIMES.
+    runtimes: list[str] = field(default_factory=lambda: ["auto"])
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "measure.batch_size must be >= 1")
@@ -41,6 +44,11 @@ class MeasureConfig:
         check(self.repeats >= 1 and self.warmup >= 0, "measure.repeats must be >= 1 and warmup >= 0")
         check(self.latency_samples >= 2, "measure.latency_samples must be >= 2")
         check(self.test_subset is None or self.test_subset >= 1, "measure.test_subset must be >= 1 or null")
+        from .runtimes import CHOICES
+
+        bad = [r for r in self.runtimes if r not in CHOICES]
+        check(bool(self.runtimes) and not bad, f"measure.runtimes: unknown runtime {bad[0] if bad else '(empty)'}; "
+              f"choose from {', '.join(CHOICES)}")
 
     def resolved_threads(self) -> int:
         return self.threads or len(os.sched_getaffinity(0))
@@ -210,11 +218,6 @@ def environment(threads: int) -> dict[str, Any]:
         "timm": timm.__version__,
         "quantized_engine": torch.backends.quantized.engine,
     }
-
-
-def runtime_name(model: nn.Module) -> str:
-    """The runtime whose speed the CPU columns report."""
-    return "torch-eager-cpu"
 
 
 def _repeat_to(example: torch.Tensor, n: int) -> torch.Tensor:

@@ -40,7 +40,6 @@ from ..measure import (
     environment,
     evaluate_accuracy,
     gpu_speed,
-    runtime_name,
     uses_integer_kernels,
 )
 from ..methods import get_method
@@ -196,26 +195,59 @@ class Study:
 
     # ---- rows -------------------------------------------------------------------------------
     def _measure(self, exp: Experiment, model: nn.Module, art: Path, seconds: float) -> dict[str, Any]:
+        """Accuracy and speed of ``model`` in each runtime the recipe asks for; the fastest one makes the row."""
+        from ..measure.runtimes import as_module, deploy, resolve
+
         m = self.recipe.measure
+        threads = m.resolved_threads()
         meta = read_meta(art)
         t0 = time.perf_counter()
         example = self._example()
-        acc = evaluate_accuracy(model, self.test_ds, img_size=self.spec.img_size, in_chans=self.spec.in_chans,
-                                batch_size=m.eval_batch_size, progress=self.progress, desc=f"eval {exp.name}")
-        speed = cpu_speed(model, example, m)
+        with torch.inference_mode():
+            reference = model(example)
+        per_runtime: dict[str, dict[str, Any]] = {}
+        for name in resolve(m.runtimes, model):
+            try:
+                dep = deploy(name, model, example, threads, art / "deploy")
+                fn = as_module(dep)
+                with torch.inference_mode():
+                    out = fn(example)
+                acc = evaluate_accuracy(fn, self.test_ds, img_size=self.spec.img_size, in_chans=self.spec.in_chans,
+                                        batch_size=m.eval_batch_size, progress=self.progress,
+                                        desc=f"eval {exp.name} [{dep.runtime}]")
+                speed = cpu_speed(fn, example, m)
+            except Exception as exc:  # this runtime cannot run this model: say so in the row, go on
+                per_runtime[name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+                continue
+            per_runtime[dep.runtime] = {
+                **acc, **speed, "int_arithmetic": dep.int_arithmetic, "float_parts": dep.float_parts,
+                # How closely this runtime follows the PyTorch model on the timing batch.
+                "max_abs_logit_err": float((out - reference).abs().max()),
+                "top1_agreement": float((out.argmax(-1) == reference.argmax(-1)).float().mean()),
+                **dep.info,
+            }
+        ran = {k: v for k, v in per_runtime.items() if "error" not in v}
+        if not ran:
+            raise RuntimeError(f"no runtime could run this model: {json.dumps(per_runtime)[:300]}")
+        primary = max(ran, key=lambda k: ran[k]["cpu_img_s"])
+        best = ran[primary]
         gpu = gpu_speed(model, example, m)
         return {
             "name": exp.name, "method": exp.method, "steps": [s.to_dict() for s in exp.steps],
             "dataset": self.recipe.data.name, "model": _final_model_name(meta, self.spec.name),
             "baseline": not exp.steps, "status": "ok", "error": None,
-            **acc,
+            "top1": best["top1"], "top5": best["top5"], "n_test": best["n_test"],
             "size_bytes": size_on_disk(art), "params": count_params(model), "macs": meta.get("macs"),
-            **speed, "batch_size": m.batch_size, "threads": m.resolved_threads(),
-            "gpu_img_s": gpu, "runtime": runtime_name(model), "int_arithmetic": uses_integer_kernels(model),
-            "float_parts": None,
+            "cpu_img_s": best["cpu_img_s"], "cpu_img_s_b1": best["cpu_img_s_b1"],
+            "latency_ms_p50": best["latency_ms_p50"], "latency_ms_p95": best["latency_ms_p95"],
+            "batch_size": m.batch_size, "threads": threads,
+            "gpu_img_s": gpu, "runtime": primary, "int_arithmetic": best["int_arithmetic"],
+            "float_parts": best["float_parts"], "runtimes": per_runtime,
+            # Facts a step reports about its result (e.g. DiffQ's learned bits per weight).
+            **{k: v for st in meta.get("steps", []) for k, v in ((st.get("meta") or {}).get("report") or {}).items()},
             "seconds": seconds, "measure_seconds": time.perf_counter() - t0,
             "artifact": str((art / "model.safetensors").relative_to(self.run_dir)),
-            "env": environment(m.resolved_threads()),
+            "env": environment(threads),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
