@@ -1,0 +1,174 @@
+"""Which units to remove so that a fraction ``ratio`` of the model's parameters goes.
+
+The study's pruning rate r is the fraction of parameters removed (its Size column:
+327 -> 301 MB at r = 0.1), so the target is ``ratio * all parameters`` and every
+unit costs the parameters it owns (``groups.py``).
+
+Units are ranked by importance per parameter (score / unit cost): removing the
+unit that buys the most parameters for the least importance first is the greedy
+answer to "remove N parameters, lose the least importance" when the score
+estimates a loss change (Taylor, KL, magnitude). Learned gates are no such
+estimate: VTP hardens them at one threshold on the gate value, so for them
+(``per="unit"``) a head or slot ranks by its mean gate and a channel by its gate.
+Ties (e.g. the units of one KL chunk) are broken by weight magnitude per parameter.
+
+* ``global`` ranking: one ranking across all layers (Torch-Pruning's global pruning).
+* ``layer`` ranking: every layer first loses the same fraction of its prunable
+  parameters, then any remainder is taken globally.
+
+A floor, ``min_keep``, keeps at least that fraction of every layer's heads (or
+head dims) and channels, and never fewer than one, so no layer is emptied.
+
+Attention is pruned either by whole heads or by head dims. timm's Attention has
+one ``head_dim`` for all heads (its fused qkv is reshaped to (3, heads,
+head_dim)), so with head dims the same number of dims goes from every head of a
+block: the removable unit is a *slot*, the j-th least important dim of every
+head, ranked by their summed score.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ...errors import VitcompressError
+from .groups import CoupledGroup
+from .importance import GroupScores
+
+AttentionUnit = Literal["head", "dim"]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What a block keeps: head indices, each kept head's dims (equal counts), MLP channels."""
+
+    heads: tuple[int, ...]
+    dims: tuple[tuple[int, ...], ...]
+    mlp: tuple[int, ...]
+
+
+@dataclass
+class _Queue:
+    """One layer's removable units, least important first, removed strictly in this order."""
+
+    group: int
+    unit: Literal["head", "slot", "channel"]
+    keys: list[tuple[float, float]]  # (score per parameter, magnitude per parameter) of each unit in order
+    cost: int
+    items: list[tuple[int, ...]]  # what each entry removes: a head, a slot (its dim in every head) or a channel
+    taken: int = 0
+
+
+def _order(score: torch.Tensor, tiebreak: torch.Tensor) -> list[int]:
+    # Stable lexicographic sort: by score, then by magnitude.
+    first = torch.argsort(tiebreak, stable=True)
+    return first[torch.argsort(score[first], stable=True)].tolist()
+
+
+def _queues(groups: list[CoupledGroup], scores: list[GroupScores], mags: list[GroupScores],
+            attention: AttentionUnit | None, min_keep: float, per: Literal["parameter", "unit"]) -> list[_Queue]:
+    queues = []
+    for gi, (g, s, m) in enumerate(zip(groups, scores, mags, strict=True)):
+        if g.kind == "attn" and attention is None:
+            continue
+        if g.kind == "attn" and attention == "head":
+            assert s.heads is not None and m.heads is not None
+            n, cost = g.shape[0], g.head_cost
+            div = cost if per == "parameter" else g.shape[1]
+            order = _order(s.heads, m.heads)
+            keys = [(s.heads[i].item() / div, m.heads[i].item() / cost) for i in order]
+            items = [(i,) for i in order]
+        elif g.kind == "attn":
+            n, cost = g.shape[1], g.unit_cost * g.shape[0]
+            div = cost if per == "parameter" else g.shape[0]
+            per_head = [_order(s.units[h], m.units[h]) for h in range(g.shape[0])]
+            items = [tuple(per_head[h][j] for h in range(g.shape[0])) for j in range(n)]
+            # A slot's score is a sum of per-head j-th smallest scores, so it rises with j: the queue
+            # order is the ranking order.
+            keys = [(sum(s.units[h, d].item() for h, d in enumerate(slot)) / div,
+                     sum(m.units[h, d].item() for h, d in enumerate(slot)) / cost) for slot in items]
+        else:
+            n, cost = g.shape[0], g.unit_cost
+            div = cost if per == "parameter" else 1
+            order = _order(s.units, m.units)
+            keys = [(s.units[i].item() / div, m.units[i].item() / cost) for i in order]
+            items = [(i,) for i in order]
+        unit = "channel" if g.kind == "mlp" else ("head" if attention == "head" else "slot")
+        keep = max(1, math.ceil(min_keep * n))
+        queues.append(_Queue(gi, unit, keys[: n - keep], cost, items[: n - keep]))
+    return queues
+
+
+def _take(queues: list[_Queue], budget: int, limits: list[int] | None = None) -> int:
+    """Remove units in global key order while they fit in ``budget`` parameters; return parameters removed."""
+    heap = [(q.keys[q.taken], qi) for qi, q in enumerate(queues) if q.taken < len(q.keys)]
+    heapq.heapify(heap)
+    removed = 0
+    while heap:
+        _, qi = heapq.heappop(heap)
+        q = queues[qi]
+        over_layer = limits is not None and (q.taken + 1) * q.cost > limits[qi]
+        if removed + q.cost > budget or over_layer:
+            continue  # this layer's next unit does not fit; the layer stays where it is
+        q.taken += 1
+        removed += q.cost
+        if q.taken < len(q.keys):
+            heapq.heappush(heap, (q.keys[q.taken], qi))
+    return removed
+
+
+def plan_pruning(groups: list[CoupledGroup], scores: list[GroupScores], mags: list[GroupScores], *,
+                 ratio: float, total_params: int, attention: AttentionUnit | None, min_keep: float,
+                 ranking: Literal["global", "layer"] = "global",
+                 per: Literal["parameter", "unit"] = "parameter") -> tuple[list[BlockPlan], int]:
+    """Per-block plans removing at most ``ratio * total_params`` parameters, and the parameters removed."""
+    queues = _queues(groups, scores, mags, attention, min_keep, per)
+    budget = int(round(ratio * total_params))
+    removable = sum(len(q.keys) * q.cost for q in queues)
+    if removable < budget * 0.98:
+        raise VitcompressError(
+            f"ratio {ratio} asks for {budget} parameters but only {removable} of {total_params} are prunable with "
+            f"min_keep={min_keep}{' and heads: false' if attention is None else ''}; lower ratio or min_keep"
+        )
+    removed = 0
+    if ranking == "layer":
+        share = budget / max(1, sum(groups[q.group].units * groups[q.group].unit_cost for q in queues))
+        limits = [int(share * groups[q.group].units * groups[q.group].unit_cost) for q in queues]
+        removed = _take(queues, budget, limits)
+    removed += _take(queues, budget - removed)
+    return _plans(groups, queues), removed
+
+
+def _plans(groups: list[CoupledGroup], queues: list[_Queue]) -> list[BlockPlan]:
+    by_group = {q.group: q for q in queues}
+    blocks = sorted({g.block for g in groups})
+    plans = []
+    for b in blocks:
+        heads: tuple[int, ...] = ()
+        dims: tuple[tuple[int, ...], ...] = ()
+        mlp: tuple[int, ...] = ()
+        for gi, g in enumerate(groups):
+            if g.block != b:
+                continue
+            gone = by_group[gi].items[: by_group[gi].taken] if gi in by_group else []
+            if g.kind == "mlp":
+                dropped = {i for (i,) in gone}
+                mlp = tuple(i for i in range(g.shape[0]) if i not in dropped)
+            elif gi in by_group and by_group[gi].unit == "head":
+                dropped = {i for (i,) in gone}
+                heads = tuple(h for h in range(g.shape[0]) if h not in dropped)
+                dims = tuple(tuple(range(g.shape[1])) for _ in heads)
+            else:
+                heads = tuple(range(g.shape[0]))
+                cut = [set() for _ in heads]
+                for slot in gone:
+                    for h, d in enumerate(slot):
+                        cut[h].add(d)
+                dims = tuple(tuple(d for d in range(g.shape[1]) if d not in cut[h]) for h in heads)
+        plans.append(BlockPlan(heads, dims, mlp))
+    return plans
+

@@ -1,0 +1,230 @@
+"""``tokens.merge``: Token Merging (Bolya et al., ICLR 2023), training-free token reduction.
+
+The study's suggested fix for pruning's accuracy loss is to shorten the token
+sequence instead (patch slimming / DynamicViT, its refs [22], [23]). ToMe does
+that without training: in every block, between attention and the MLP, the r most
+similar token pairs are merged by *bipartite soft matching*:
+
+1. the non-prefix tokens are split alternately into sets A and B;
+2. each token in A is linked to its most similar token in B (cosine similarity
+   of the attention keys, averaged over heads: ToMe's eq. for the metric);
+3. the r links with the highest similarity are merged (A token averaged into its
+   B partner, weighted by how many patches each already stands for); the rest of
+   A and all of B stay, the class token (and any other prefix token) is never merged.
+
+Merged tokens carry a *size* s (patches represented), and attention is
+*proportional*: ``softmax(q k^T / sqrt(d) + log s)`` so a merged token keeps the
+attention weight of the tokens it replaced (ToMe's eq. 1).
+
+The model stays a timm VisionTransformer with the same weights: each block's
+``Attention`` becomes a :class:`MergingAttention` and each ``Block`` a
+:class:`MergingBlock` (instances of subclasses holding the very same submodules),
+and ``model.blocks`` becomes :class:`MergingBlocks`, which threads the token sizes
+from block to block. Nothing is patched on a class.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block
+from torch import nn
+
+from ...config import check
+from ...errors import VitcompressError
+from ..registry import StepOutput, register_method
+
+DEFAULT_R = 4
+M = TypeVar("M", bound=nn.Module)
+
+
+@dataclass(frozen=True)
+class TokenMergeConfig:
+    r: int | None = None  # tokens merged in every block; with neither r nor keep: r = 4
+    keep: float | None = None  # or: every block keeps this fraction of its non-class tokens
+
+    def __post_init__(self) -> None:
+        check(self.r is None or self.keep is None, "tokens.merge takes r or keep, not both")
+        check(self.r is None or self.r >= 0, f"r must be >= 0, got {self.r}")
+        check(self.keep is None or 0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
+
+
+def same_parts(cls: type[M], module: nn.Module) -> M:
+    """An instance of subclass ``cls`` holding ``module``'s own submodules, parameters and settings."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for name, child in module.named_children():
+        new.add_module(name, child)
+    for name, param in module.named_parameters(recurse=False):
+        new.register_parameter(name, param)
+    for name, buf in module.named_buffers(recurse=False):
+        new.register_buffer(name, buf)
+    for name, value in vars(module).items():
+        if not name.startswith("_") and name != "training":
+            setattr(new, name, value)
+    return new.train(module.training)
+
+
+class MergingAttention(Attention):
+    """timm Attention with proportional attention (``+ log size``) that also returns the keys for matching."""
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, size: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = None if size is None else size.log()[:, None, None, :, 0].to(q.dtype)  # (B, 1, 1, N)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            if bias is not None:
+                attn = attn + bias
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v  # (B, heads, N, head_dim)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj_drop(self.proj(x))
+        return x, k.mean(dim=1)  # metric: (B, N, head_dim)
+
+
+def bipartite_merge(metric: torch.Tensor, r: int, prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ToMe's bipartite soft matching: a function summing the r most similar A tokens into their B partners.
+
+    ``metric`` is (B, N, C). Prefix tokens (the class token) pass through untouched
+    and stay first; the unmerged A tokens keep their original order, then come the B tokens.
+    """
+    with torch.no_grad():
+        m = metric[:, prefix:]
+        m = m / m.norm(dim=-1, keepdim=True)
+        a, b = m[:, ::2], m[:, 1::2]
+        scores = a @ b.transpose(-1, -2)  # (B, Na, Nb)
+        best, partner = scores.max(dim=-1)  # (B, Na)
+        order = best.argsort(dim=-1, descending=True)
+        src = order[:, :r]  # A tokens that merge
+        keep = order[:, r:].sort(dim=-1).values  # A tokens that stay, in token order
+        dst = partner.gather(1, src)  # their B partners
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        head, rest = x[:, :prefix], x[:, prefix:]
+        xa, xb = rest[:, ::2], rest[:, 1::2]
+        c = x.shape[-1]
+        stay = xa.gather(1, keep[..., None].expand(-1, -1, c))
+        moved = xa.gather(1, src[..., None].expand(-1, -1, c))
+        xb = xb.scatter_add(1, dst[..., None].expand(-1, -1, c), moved)
+        return torch.cat([head, stay, xb], dim=1)
+
+    return merge
+
+
+class MergingBlock(Block):
+    """timm Block that merges ``r`` tokens between its attention and its MLP."""
+
+    r: int
+    prefix: int
+
+    def merge_forward(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, metric = self.attn(self.norm1(x), size)
+        x = x + self.drop_path1(self.ls1(y))  # (B, N, C)
+        if self.r > 0:
+            if size is None:
+                size = torch.ones_like(x[..., :1])  # (B, N, 1): each token stands for one patch
+            merge = bipartite_merge(metric, self.r, self.prefix)
+            # Size-weighted average: merge x*s and s, then divide.
+            x = merge(x * size)
+            size = merge(size)
+            x = x / size  # (B, N - r, C)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise VitcompressError("token merging does not support attention masks")
+        return self.merge_forward(x, None)[0]
+
+
+class MergingBlocks(nn.Sequential):
+    """``model.blocks`` that carries the merged tokens' sizes from one block to the next."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = None
+        for blk in self:
+            x, size = blk.merge_forward(x, size)
+        return x
+
+
+def merge_schedule(tokens: int, prefix: int, depth: int, cfg: TokenMergeConfig) -> list[int]:
+    """Tokens merged in each block, capped so that bipartite matching can pair them and >= 1 patch token stays."""
+    r_fixed = DEFAULT_R if cfg.r is None and cfg.keep is None else cfg.r
+    out = []
+    for _ in range(depth):
+        rest = tokens - prefix
+        r = r_fixed if r_fixed is not None else int(round((1 - float(cfg.keep or 1.0)) * rest))
+        r = max(0, min(r, math.ceil(rest / 2), rest - 1))  # |A| = ceil(rest/2); keep one patch token
+        out.append(r)
+        tokens -= r
+    return out
+
+
+def _check_model(model: nn.Module) -> tuple[int, int]:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or not all(type(b) is Block for b in blocks):
+        raise VitcompressError("tokens.merge needs a timm VisionTransformer with plain Blocks "
+                               "(apply it once, after any pruning)")
+    if not all(isinstance(b.attn, Attention) and type(b.attn) is Attention for b in blocks):
+        raise VitcompressError("tokens.merge needs plain timm Attention modules; put it before other swaps")
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    if getattr(model, "global_pool", "token") != "token" or prefix < 1:
+        raise VitcompressError("tokens.merge needs class-token pooling (global_pool='token'): averaged merged "
+                               "tokens would be weighted wrongly")
+    patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if patches is None:
+        raise VitcompressError("tokens.merge needs model.patch_embed.num_patches to plan the merge schedule")
+    return prefix, prefix + int(patches)
+
+
+def apply_merging(model: nn.Module, cfg: TokenMergeConfig) -> tuple[nn.Module, list[int], list[int]]:
+    """Swap in merging blocks, in place; the per-block r and the tokens entering each block."""
+    prefix, tokens = _check_model(model)
+    schedule = merge_schedule(tokens, prefix, len(model.blocks), cfg)
+    blocks = []
+    for blk, r in zip(model.blocks, schedule):
+        new = same_parts(MergingBlock, blk)
+        new.attn = same_parts(MergingAttention, blk.attn)
+        new.r, new.prefix = r, prefix
+        blocks.append(new)
+    model.blocks = MergingBlocks(*blocks)
+    entering = [tokens - sum(schedule[:i]) for i in range(len(schedule))]
+    return model, schedule, entering
+
+
+def _restore(model: nn.Module, cfg: TokenMergeConfig, meta: dict[str, Any]) -> nn.Module:
+    model, schedule, _ = apply_merging(model, cfg)
+    if meta.get("r_per_block") not in (None, schedule):
+        raise VitcompressError("tokens.merge schedule differs from the saved one; the artifact does not match")
+    return model
+
+
+@register_method(
+    "tokens.merge",
+    TokenMergeConfig,
+    family="pruning",
+    summary="ToMe: merge r similar tokens per block (bipartite matching, proportional attention), no training",
+    restore=_restore,
+)
+def token_merge(model: nn.Module, cfg: TokenMergeConfig, ctx: Any) -> StepOutput:
+    model, schedule, entering = apply_merging(copy.deepcopy(model), cfg)
+    return StepOutput(model.eval(), {"r_per_block": schedule, "tokens_per_block": entering,
+                                     "tokens_out": entering[-1] - schedule[-1]})
