@@ -243,8 +243,9 @@ class Study:
             "batch_size": m.batch_size, "threads": threads,
             "gpu_img_s": gpu, "runtime": primary, "int_arithmetic": best["int_arithmetic"],
             "float_parts": best["float_parts"], "runtimes": per_runtime,
-            # Facts a step reports about its result (e.g. DiffQ's learned bits per weight).
-            **{k: v for st in meta.get("steps", []) for k, v in ((st.get("meta") or {}).get("report") or {}).items()},
+            # Bits per stored weight where a quantization step says so (LSQ, DiffQ's learned bits).
+            "avg_bits": next((st["meta"]["avg_bits"] for st in reversed(meta.get("steps", []))
+                              if "avg_bits" in (st.get("meta") or {})), None),
             "seconds": seconds, "measure_seconds": time.perf_counter() - t0,
             "artifact": str((art / "model.safetensors").relative_to(self.run_dir)),
             "env": environment(threads),
@@ -352,7 +353,30 @@ class Study:
             meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
                     "dataset": self.recipe.data.name}
             report = write_report(self.run_dir, mark_pareto(rows), meta=meta)
+            report["importance_plots"] = self._importance_plots(rows, report["report"])
         return StudyResult(self.run_dir, rows, report)
+
+    def _importance_plots(self, rows: list[dict[str, Any]], report_path: Path) -> list[Path]:
+        """The study's Figure 3 (parameters vs importance score) for every row that pruned by importance."""
+        from ..methods.prune import plot_importance
+
+        paths = []
+        for r in rows:
+            if r.get("status") != "ok":
+                continue
+            meta = read_meta(self.run_dir / Path(r["artifact"]).parent)
+            for i, st in enumerate(meta.get("steps", [])):
+                if "importance" in (st.get("meta") or {}):
+                    slug = "".join(c if c.isalnum() else "_" for c in r["name"]).strip("_").lower()
+                    path = self.run_dir / "plots" / f"importance_{slug}_{i}.png"
+                    plot_importance(st["meta"], path)
+                    paths.append(path)
+        if paths:
+            lines = ["", "## Importance scores (the study's Figure 3)", ""]
+            lines += [f"![{p.stem}]({p.relative_to(self.run_dir).as_posix()})" for p in paths]
+            with open(report_path, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+        return paths
 
 
 def run_study(recipe: Recipe, out_dir: str | os.PathLike | None = None, *, executor: str = "local",
