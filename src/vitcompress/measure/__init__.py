@@ -34,7 +34,7 @@ class MeasureConfig:
     eval_batch_size: int = 256
     gpu: bool = True  # measure on CUDA when a GPU is present
     test_subset: int | None = None  # evaluate on the first N test images (tests only; reports show N)
-    # Where to run each model: "auto" (PyTorch eager, plus ONNX Runtime for our QDQ-quantized models),
+    # Where to run each model: "auto" (ONNX Runtime for our QDQ-quantized models, else PyTorch eager),
     # "all" (every runtime installed), or names from vitcompress.measure.runtimes.RUNTIMES.
     runtimes: list[str] = field(default_factory=lambda: ["auto"])
 
@@ -191,6 +191,8 @@ def count_params(model: nn.Module) -> int:
         if isinstance(getattr(mod, "_packed_params", None), nn.Module) and hasattr(mod, "_weight_bias"):
             w, b = mod._weight_bias()
             total += w.numel() + (b.numel() if b is not None else 0)
+        # Bit-packed weights (LSQ, DiffQ) are buffers; their modules say how many weights they hold.
+        total += int(getattr(mod, "weight_numel", 0))
     return total
 
 

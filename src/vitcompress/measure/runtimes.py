@@ -44,14 +44,15 @@ class _Callable(nn.Module):
 
 
 def resolve(names: list[str] | tuple[str, ...], model: nn.Module) -> list[str]:
-    """The runtimes to measure ``model`` in. ``auto``: eager, plus ONNX Runtime where our QDQ
-    quantization is deployed through it; ``all``: every runtime installed here."""
+    """The runtimes to measure ``model`` in. ``auto``: ONNX Runtime for our QDQ-quantized models (deployed
+    through it), PyTorch eager for everything else; ``all``: every runtime installed here."""
     from ..export.onnx import deploy_runtime
 
     out: list[str] = []
     for name in names:
         if name == "auto":
-            out += ["torch-eager"] + (["onnxruntime"] if deploy_runtime(model) == "onnxruntime" else [])
+            # A QDQ model in eager PyTorch is a float simulation, not a deployment: measure it where it deploys.
+            out += ["onnxruntime"] if deploy_runtime(model) == "onnxruntime" else ["torch-eager"]
         elif name == "all":
             out += [r for r in RUNTIMES if _installed(r)]
         else:
@@ -110,13 +111,14 @@ def _openvino(onnx_path: Path, threads: int) -> Deployed:
     request = compiled.create_infer_request()
     precisions = {n.get_rt_info()["runtimePrecision"].astype(str)
                   for n in compiled.get_runtime_model().get_ops() if "runtimePrecision" in n.get_rt_info()}
-    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         out = request.infer({0: x.detach().cpu().float().contiguous().numpy()})
         return torch.from_numpy(next(iter(out.values())).copy())
 
-    return Deployed(f"openvino-cpu-{hint.split('.')[-1].lower()}", run, bool(precisions & {"i8", "u8"}),
+    return Deployed(f"openvino-cpu-{hint.lower()}", run, bool(precisions & {"i8", "u8"}),
                     info={"precisions": sorted(precisions), "inference_precision": hint})
 
 

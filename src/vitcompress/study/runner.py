@@ -179,7 +179,10 @@ class Study:
             step_meta = [{"method": step.method, "config": to_dict(step.config), "meta": out.meta}]
         model = model.eval()
         example = self._example()
-        macs = count_macs(model, example) if not uses_integer_kernels(model) else None
+        # Quantization keeps the MAC count, and the counter sees some quantized parts and not others:
+        # after a step that produced integer weights, keep the float model's count.
+        quantized = bool(steps) and get_method(steps[-1].method).produces_int_weights
+        macs = None if quantized or uses_integer_kernels(model) else count_macs(model, example)
         meta = {
             "model": parent_meta["model"],
             "steps": list(parent_meta["steps"]) + step_meta,

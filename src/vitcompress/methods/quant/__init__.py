@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from . import dynamic  # noqa: F401
+from . import diffq_method, dynamic, fqvit, lsq, static  # noqa: F401

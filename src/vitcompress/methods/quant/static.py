@@ -1,0 +1,151 @@
+"""``ptq.static``: post-training static quantization with integer weights and calibrated activations.
+
+Weights: per-output-channel symmetric, ``w_int = clip(round(w / s_c), −(2^(b−1) − 1), 2^(b−1) − 1)``
+with ``s_c = max|w_c| / (2^(b−1) − 1)`` (or an MSE-searched clip, ``weight_calibrator: omse``),
+stored in int8 whatever ``w_bits`` (8, 6, 4).
+
+Activations: per-tensor *asymmetric uint8* at the input of every Linear,
+``x_q = clip(round(x / s) + zp, 0, 2^b − 1)``, with ``(s, zp)`` from a calibrator
+(``minmax``, ``ema``, ``percentile``, ``omse``; see :mod:`.observers`) run on a
+seeded slice of the training split. Unsigned with a zero point because half the
+Linear inputs (after GELU) are nearly all positive, and because uint8 × int8 is
+the operand pair ONNX Runtime's x86 integer kernels (VPDPBUSD) take natively.
+Optionally (``quant_attn_matmul``) both attention matmuls get quantized inputs too
+and the softmax output is quantized uniformly (8 bit).
+
+In PyTorch the model is a float simulation (:mod:`.qmodules`); its integer
+deployment is the ONNX export (:mod:`vitcompress.export.onnx`), where
+QuantizeLinear/DequantizeLinear around each MatMul run as ``MatMulIntegerToFloat``.
+The module swap is by instance (Linear → QuantLinear), never by patching classes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from ...config import check
+from ..registry import StepOutput, register_method
+from .observers import CALIBRATORS, CalibratorName, Observer, make_observer
+from .qmodules import ActQuantizer, PowerOfTwoLayerNorm, QuantAttention, QuantLinear
+
+HEAD_NAMES = ("head", "head_dist")
+
+
+@dataclass(frozen=True)
+class StaticQuantConfig:
+    w_bits: int = 8
+    a_bits: int = 8
+    calibrator: CalibratorName = "minmax"
+    percentile: float = 99.99  # used by calibrator: percentile
+    weight_calibrator: Literal["minmax", "omse"] = "minmax"
+    calib_images: int | None = None  # None: the recipe's data.calib_images
+    quant_attn_matmul: bool = False
+    skip_head: bool = False  # keep the classifier head float
+
+    def __post_init__(self) -> None:
+        check(self.w_bits in (2, 3, 4, 5, 6, 7, 8), "ptq.static.w_bits must be in 2..8 (int8 storage)")
+        check(2 <= self.a_bits <= 8, "ptq.static.a_bits must be in 2..8 (uint8 storage)")
+        check(self.calibrator in CALIBRATORS, f"ptq.static.calibrator must be one of {', '.join(CALIBRATORS)}")
+        check(50.0 < self.percentile <= 100.0, "ptq.static.percentile must be in (50, 100]")
+        check(self.calib_images is None or self.calib_images >= 1, "ptq.static.calib_images must be >= 1 or null")
+
+
+# ---- structure (shared with ptq.fqvit and both restores) -----------------------------------------------------
+def linear_names(model: nn.Module, skip_head: bool) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not (skip_head and n.split(".")[0] in HEAD_NAMES)]
+
+
+def attention_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, Attention) and not isinstance(m, QuantAttention)]
+
+
+def layernorm_names(model: nn.Module) -> list[str]:
+    # timm builds its own LayerNorm subclass; any LayerNorm over the last dim qualifies.
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.LayerNorm) and not isinstance(m, PowerOfTwoLayerNorm) and len(m.normalized_shape) == 1]
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def swap_modules(model: nn.Module, names: Iterable[str], build: Callable[[Any], nn.Module], kind: type) -> None:
+    for name in names:
+        old = model.get_submodule(name)
+        if not isinstance(old, kind):
+            raise TypeError(f"{name} is a {type(old).__name__}, expected {kind.__name__}; the artifact does not "
+                            "match its model")
+        set_module(model, name, build(old))
+
+
+def quantize_structure(model: nn.Module, meta: dict[str, Any], *, w_bits: int, a_bits: int, att_bits: int = 8,
+                       lis: bool = False, ptf: bool = True, ptf_k: int = 3,
+                       weight_calibrator: str = "minmax") -> nn.Module:
+    """Swap the modules ``meta`` names for quantized ones (attention first: it keeps its qkv/proj by reference)."""
+    swap_modules(model, meta.get("attentions", []),
+                 lambda m: QuantAttention(m, a_bits=a_bits, att_bits=att_bits, lis=lis), Attention)
+    swap_modules(model, meta.get("layernorms", []),
+                 lambda m: PowerOfTwoLayerNorm.from_layernorm(m, bits=a_bits, ptf=ptf, k=ptf_k), nn.LayerNorm)
+    swap_modules(model, meta.get("linears", []),
+                 lambda m: QuantLinear.from_linear(m, w_bits=w_bits, a_bits=a_bits,
+                                                   weight_calibrator=weight_calibrator), nn.Linear)
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader: Iterable[Any], make: Callable[[], Observer]) -> int:
+    """Run ``loader`` through the float model with an observer on every quantizer; set scales. Returns #images."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    for q in quantizers:
+        q.begin_calibration(make())
+    model.eval()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    seen = 0
+    try:
+        for x, *_ in loader:
+            model(x.to(device))
+            seen += len(x)
+    except BaseException:
+        for q in quantizers:
+            q.observer = None  # leave no half-calibrated observer behind
+        raise
+    for q in quantizers:
+        q.end_calibration()
+    return seen
+
+
+# ---- the method ---------------------------------------------------------------------------------------------
+def _meta(model: nn.Module, cfg: StaticQuantConfig) -> dict[str, Any]:
+    return {"linears": linear_names(model, cfg.skip_head),
+            "attentions": attention_names(model) if cfg.quant_attn_matmul else []}
+
+
+def _restore(model: nn.Module, cfg: StaticQuantConfig, meta: dict[str, Any]) -> nn.Module:
+    # Values come from the file; minmax is the cheapest way to fill the placeholders.
+    return quantize_structure(model, meta, w_bits=cfg.w_bits, a_bits=cfg.a_bits).eval()
+
+
+@register_method(
+    "ptq.static",
+    StaticQuantConfig,
+    family="quantization",
+    summary="static int8 PTQ: per-channel int8 weights, calibrated uint8 activations (QDQ → int8 MatMul in ONNX Runtime)",
+    restore=_restore,
+    produces_int_weights=True,
+)
+def static_quantize(model: nn.Module, cfg: StaticQuantConfig, ctx: Any) -> StepOutput:
+    model = copy.deepcopy(model).cpu().eval()
+    meta = _meta(model, cfg)
+    quantize_structure(model, meta, w_bits=cfg.w_bits, a_bits=cfg.a_bits, weight_calibrator=cfg.weight_calibrator)
+    n = calibrate(model, ctx.calib_loader(cfg.calib_images),
+                  lambda: make_observer(cfg.calibrator, percentile=cfg.percentile, seed=ctx.seed))
+    return StepOutput(model.eval(), meta | {"calib_images": n})
