@@ -38,3 +38,16 @@ def tiny_recipe_dict(**over: Any) -> dict[str, Any]:
 def needs_fmnist() -> None:
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+def synthetic_train_set(n: int = 128):
+    """Learnable synthetic 28 px images: the label decides which quadrant is bright and how bright."""
+    from vitcompress.data import ImageTensorDataset, dataset_info
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for i, y in enumerate(labels.tolist()):
+        r, c = divmod(y % 4, 2)
+        images[i, 0, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 120 + 10 * (y // 4)
+    return ImageTensorDataset(images, labels, dataset_info("fashion-mnist"), "train", "synthetic")

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import tiny_recipe_dict
+from conftest import synthetic_train_set, tiny_recipe_dict
 from safetensors.torch import save_file
 from timm.models.deit import VisionTransformerDistilled
 
 from vitcompress.artifact import load_artifact, save_artifact
 from vitcompress.config import from_dict, to_dict
-from vitcompress.data import ImageTensorDataset, dataset_info, make_loader
+from vitcompress.data import ImageTensorDataset, make_loader
 from vitcompress.errors import VitcompressError
 from vitcompress.measure import uses_integer_kernels
 from vitcompress.methods import get_method, parse_config
@@ -121,14 +121,7 @@ def test_gradients_reach_the_distillation_token_and_head() -> None:
 
 
 def _fake_train_set(n: int = 256) -> ImageTensorDataset:
-    # Learnable synthetic data: the label decides which quadrant is bright and how bright.
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for i, y in enumerate(labels.tolist()):
-        r, c = divmod(y % 4, 2)
-        images[i, 0, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 120 + 10 * (y // 4)
-    return ImageTensorDataset(images, labels, dataset_info("fashion-mnist"), "train", "synthetic")
+    return synthetic_train_set(n)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import synthetic_train_set
 
 from vitcompress.artifact import load_artifact, save_artifact
 from vitcompress.config import from_dict, to_dict
-from vitcompress.data import ImageTensorDataset, dataset_info
+from vitcompress.data import ImageTensorDataset
 from vitcompress.methods import list_methods
 from vitcompress.models import ModelSpec, create_model
 from vitcompress.study.context import StepContext
@@ -17,14 +18,7 @@ SPEC = ModelSpec("vitc_micro")
 
 
 def _fake_train_set(n: int = 128) -> ImageTensorDataset:
-    # Learnable synthetic data: the label decides which image quadrant is bright.
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for i, y in enumerate(labels.tolist()):
-        r, c = divmod(y % 4, 2)
-        images[i, 0, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 120 + 10 * (y // 4)
-    return ImageTensorDataset(images, labels, dataset_info("fashion-mnist"), "train", "synthetic")
+    return synthetic_train_set(n)
 
 
 @pytest.fixture(scope="module")

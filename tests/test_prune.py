@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import synthetic_train_set
 from torch import nn
 
 from vitcompress.artifact import load_artifact, save_artifact, size_on_disk
 from vitcompress.config import from_dict, to_dict
-from vitcompress.data import ImageTensorDataset, dataset_info
+from vitcompress.data import ImageTensorDataset
 from vitcompress.errors import VitcompressError
 from vitcompress.methods import get_method
 from vitcompress.methods.prune import plot_importance
@@ -50,13 +51,7 @@ def _params(model: nn.Module) -> int:
 
 
 def _synthetic(n: int = 128) -> ImageTensorDataset:
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for i, y in enumerate(labels.tolist()):
-        r, c = divmod(y % 4, 2)
-        images[i, 0, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 120 + 10 * (y // 4)
-    return ImageTensorDataset(images, labels, dataset_info("fashion-mnist"), "train", "synthetic")
+    return synthetic_train_set(n)
 
 
 def _ctx(tmp_path, teacher: nn.Module | None = None) -> StepContext:

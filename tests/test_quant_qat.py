@@ -11,6 +11,7 @@ import struct
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import synthetic_train_set
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -18,7 +19,7 @@ from torch import nn
 
 from vitcompress.artifact import WEIGHTS_FILE, load_artifact, save_artifact, size_on_disk
 from vitcompress.config import to_dict
-from vitcompress.data import ImageTensorDataset, dataset_info
+from vitcompress.data import ImageTensorDataset
 from vitcompress.methods import get_method
 from vitcompress.methods.quant.diffq_method import (
     DiffqConfig,
@@ -48,14 +49,7 @@ SPEC = ModelSpec("vitc_micro")
 
 
 def _train_set(n: int = 128) -> ImageTensorDataset:
-    # Learnable synthetic images: the label decides which quadrant is bright and how bright.
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for i, y in enumerate(labels.tolist()):
-        r, c = divmod(y % 4, 2)
-        images[i, 0, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 120 + 10 * (y // 4)
-    return ImageTensorDataset(images, labels, dataset_info("fashion-mnist"), "train", "synthetic")
+    return synthetic_train_set(n)
 
 
 def _ctx(ds: ImageTensorDataset, work, steps: int = 4) -> StepContext:
