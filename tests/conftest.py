@@ -34,6 +34,15 @@ def tiny_recipe_dict(**over: Any) -> dict[str, Any]:
     return recipe
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronization (badly so on a busy CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def needs_fmnist() -> None:
     if not (FMNIST / "train-images-idx3-ubyte.gz").exists():

@@ -30,13 +30,7 @@ from vitcompress.models import ModelSpec, create_model
 from vitcompress.study.context import StepContext
 from vitcompress.train import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset(n: int = 128) -> ImageTensorDataset:

@@ -31,14 +31,7 @@ MICRO = ModelSpec("vitc_micro")
 QUICK = ModelSpec("vitc_quick")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are a few thousand to half a million parameters: a second intra-op thread only adds
-    # synchronisation, which on a busy shared machine costs more than the work itself.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(spec: ModelSpec, seed: int = 0) -> nn.Module:

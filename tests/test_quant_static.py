@@ -37,14 +37,7 @@ from vitcompress.models import ModelSpec, create_model
 from vitcompress.study.context import StepContext
 from vitcompress.train import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second thread only adds synchronization, badly so on a shared, busy CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic(n: int = 128) -> ImageTensorDataset:
