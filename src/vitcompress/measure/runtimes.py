@@ -6,7 +6,8 @@ to slower GEMMs here). ``onnxruntime`` and ``openvino`` run the ONNX export; for
 our QDQ-quantized models the export carries our own calibrated scales, so the
 runtime executes our quantization rather than one of its own. Whether integer
 kernels ran is read from what the runtime actually executes (ONNX Runtime's
-optimized graph, OpenVINO's execution graph), never assumed.
+optimized graph, OpenVINO's execution graph), never assumed. The two PyTorch
+runtimes also run on CUDA (``device="cuda"``) when a GPU is present.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import VitcompressError
+
 RUNTIMES = ("torch-eager", "torch-compile", "onnxruntime", "openvino")
 CHOICES = ("auto", "all", *RUNTIMES)
+CUDA_RUNTIMES = ("torch-eager", "torch-compile")
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Deployed:
     int_arithmetic: bool
     float_parts: list[str] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # where ``fn`` wants its input tensor
 
 
 class _Callable(nn.Module):
@@ -67,10 +72,18 @@ def _installed(runtime: str) -> bool:
     return module is None or importlib.util.find_spec(module) is not None
 
 
-def deploy(runtime: str, model: nn.Module, example: torch.Tensor, threads: int, work_dir: Path) -> Deployed:
-    """``model`` ready to run in ``runtime``; raises ``RuntimeError`` when it cannot run there."""
+def deploy(runtime: str, model: nn.Module, example: torch.Tensor, threads: int, work_dir: Path,
+           device: str = "cpu") -> Deployed:
+    """``model`` ready to run in ``runtime``; raises ``RuntimeError`` when it cannot run there.
+
+    ``device="cuda"`` runs the PyTorch runtimes on the GPU (on a copy of ``model``).
+    """
     from . import uses_integer_kernels
 
+    if device == "cuda":
+        return _deploy_cuda(runtime, model)
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
     model = model.cpu().eval()
     if runtime == "torch-eager":
         return Deployed("torch-eager-cpu", model, uses_integer_kernels(model))
@@ -86,8 +99,33 @@ def deploy(runtime: str, model: nn.Module, example: torch.Tensor, threads: int, 
                         info["float_parts"] if info["int_arithmetic"] else None,
                         {"integer_ops": info["integer_ops"]})
     if runtime == "openvino":
-        return _openvino(onnx_path, threads)
+        return deploy_openvino(onnx_path, threads)
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(CHOICES)}")
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why nothing can run on CUDA here, or None when a GPU is usable."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available here (torch.cuda.is_available() is False: no GPU, driver or CUDA build)"
+    return None
+
+
+def _deploy_cuda(runtime: str, model: nn.Module) -> Deployed:
+    import copy
+
+    from . import can_run_on_cuda
+
+    if runtime not in CUDA_RUNTIMES:
+        raise RuntimeError(f"{runtime} runs on the CPU only here; on CUDA choose {' or '.join(CUDA_RUNTIMES)}")
+    reason = cuda_unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    if not can_run_on_cuda(model):
+        raise RuntimeError("PyTorch's int8 quantized modules have CPU kernels only")
+    on_gpu = copy.deepcopy(model).cuda().eval()
+    fn = on_gpu if runtime == "torch-eager" else torch.compile(on_gpu, dynamic=True)
+    # On CUDA every matmul is a float kernel: fake-quant modules simulate, they do not run integers.
+    return Deployed(f"{runtime}-cuda", fn, False, device="cuda")
 
 
 def _export(model: nn.Module, example: torch.Tensor, work_dir: Path) -> Path:
@@ -102,15 +140,26 @@ def _export(model: nn.Module, example: torch.Tensor, work_dir: Path) -> Path:
     return path
 
 
-def _openvino(onnx_path: Path, threads: int) -> Deployed:
-    import openvino as ov
+def deploy_openvino(model: Path | str | Any, threads: int, precision: str | None = None) -> Deployed:
+    """An ONNX file (path) or an ``openvino.Model`` compiled for the CPU with ``threads`` threads, one stream.
+
+    ``precision`` ("f32", "bf16") sets OpenVINO's ``INFERENCE_PRECISION_HINT`` for its float parts; None keeps
+    OpenVINO's default for this CPU (bf16 where the CPU has bf16 instructions). Integer parts (QDQ or
+    FakeQuantize nodes) run int8 either way; the runtime label names the float precision that was used.
+    """
+    try:
+        import openvino as ov
+    except ImportError:
+        raise VitcompressError("OpenVINO is not installed; pip install 'vitcompress[openvino]'") from None
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU",
-                                  {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1})
+    source = core.read_model(str(model)) if isinstance(model, (str, Path)) else model
+    config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(source, "CPU", config)
     request = compiled.create_infer_request()
-    precisions = {n.get_rt_info()["runtimePrecision"].astype(str)
-                  for n in compiled.get_runtime_model().get_ops() if "runtimePrecision" in n.get_rt_info()}
+    precisions, integer_layers = openvino_layer_precisions(compiled)
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
 
@@ -118,8 +167,34 @@ def _openvino(onnx_path: Path, threads: int) -> Deployed:
         out = request.infer({0: x.detach().cpu().float().contiguous().numpy()})
         return torch.from_numpy(next(iter(out.values())).copy())
 
-    return Deployed(f"openvino-cpu-{hint.lower()}", run, bool(precisions & {"i8", "u8"}),
-                    info={"precisions": sorted(precisions), "inference_precision": hint})
+    return Deployed(f"openvino-cpu-{hint.lower()}", run, bool(integer_layers),
+                    info={"precisions": sorted(precisions), "inference_precision": hint,
+                          "integer_layers": integer_layers})
+
+
+# Layers of OpenVINO's CPU execution graph that do a model's multiply-accumulates.
+_OV_COMPUTE_LAYERS = frozenset({"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution"})
+
+
+def openvino_layer_precisions(compiled: Any) -> tuple[set[str], dict[str, int]]:
+    """Every runtime precision in a compiled model's execution graph, and its compute layers that run on
+    int8/uint8 inputs (layer type -> count).
+
+    Only compute layers count as integer arithmetic: a float model's execution graph holds u8 constants
+    and reorders too (masks, shape data), which compute nothing.
+    """
+    precisions: set[str] = set()
+    integer: dict[str, int] = {}
+    for node in compiled.get_runtime_model().get_ops():
+        info = node.get_rt_info()
+        if "runtimePrecision" not in info:
+            continue
+        precision = info["runtimePrecision"].astype(str)
+        precisions.add(precision)
+        layer = info["layerType"].astype(str) if "layerType" in info else ""
+        if layer in _OV_COMPUTE_LAYERS and precision in ("i8", "u8"):
+            integer[layer] = integer.get(layer, 0) + 1
+    return precisions, integer
 
 
 def as_module(dep: Deployed) -> nn.Module:
