@@ -87,6 +87,36 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise VitcompressError(f"{flag} takes comma-separated integers like 1,16; got {text!r}") from None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from .measure.bench import BenchConfig, load_target, render_bench_table, run_bench
+
+    cfg = BenchConfig(runtimes=tuple(r.strip() for r in args.runtimes.split(",") if r.strip()),
+                      batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"), threads=args.threads,
+                      repeats=args.repeats, warmup=args.warmup, latency_samples=args.latency_samples,
+                      min_repeat_seconds=args.min_repeat_seconds, device=args.device)
+    target = load_target(args.target, checkpoint=args.checkpoint, img_size=args.img_size, in_chans=args.in_chans,
+                         num_classes=args.num_classes)
+    result = run_bench(target, cfg, progress=not args.no_progress)
+    Console(width=None if sys.stdout.isatty() else 160).print(render_bench_table(result))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        print(f"json: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitcompress", description="Compress Vision Transformers and measure the result.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and stop at the first failed experiment")
@@ -117,6 +147,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list methods, model presets and bundled recipes")
     ls.set_defaults(func=_cmd_list)
+
+    b = sub.add_parser("bench", help="time an artifact or a timm model on each runtime and batch size")
+    b.add_argument("target", help="artifact folder (run_dir/artifacts/<key>) or timm model name")
+    b.add_argument("--runtimes", default="auto",
+                   help="auto, all, or comma-separated names: torch-eager, torch-compile, onnxruntime, openvino "
+                        "(default auto: where the model deploys)")
+    b.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    b.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="cpu (default), cuda (PyTorch runtimes on the GPU), or auto (cpu, plus cuda when present)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core available)")
+    b.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported (default 7)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    b.add_argument("--latency-samples", type=int, default=50, help="single-image calls for p50/p95 (default 50)")
+    b.add_argument("--min-repeat-seconds", type=float, default=0.2,
+                   help="each repeat loops calls until it lasts this long (default 0.2)")
+    b.add_argument("--checkpoint", default=None, help="weights for a timm model name (.safetensors or .pth)")
+    b.add_argument("--img-size", type=int, default=None, help="input size for a timm model name (default: its own)")
+    b.add_argument("--in-chans", type=int, default=None, help="input channels for a timm model name")
+    b.add_argument("--num-classes", type=int, default=None, help="classes for a timm model name")
+    b.add_argument("--json", default=None, metavar="OUT", help="also write the full result as JSON to OUT")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_bench)
 
     v = sub.add_parser("validate", help="check recipes without running them")
     v.add_argument("recipes", nargs="+")
