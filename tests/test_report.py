@@ -19,6 +19,7 @@ from vitcompress.report import (
     write_report,
 )
 from vitcompress.report.plots import _figure_accuracy_vs
+from vitcompress.report.table import EAGER_COLUMN, speed_reference
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -241,6 +242,65 @@ def test_markdown_legend_explains_columns(rows: list[dict[str, Any]]) -> None:
     assert "integer kernels really executed" in legend
 
 
+def _multi_runtime_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The baseline measured in eager PyTorch (50 img/s) and on OpenVINO bf16 (100 img/s), as the study stores it."""
+    rows[0].update(cpu_img_s=100.0, runtime="openvino-cpu-bf16", runtimes={
+        "torch-eager-cpu": {"cpu_img_s": 50.0, "int_arithmetic": False},
+        "openvino-cpu-bf16": {"cpu_img_s": 100.0, "int_arithmetic": False},
+        "onnxruntime": {"error": "RuntimeError: no session"},
+    })
+    rows[1].update(cpu_img_s=200.0)
+    return rows
+
+
+def test_speed_up_uses_the_baselines_fastest_float_runtime(rows: list[dict[str, Any]]) -> None:
+    markdown = render_markdown(_multi_runtime_rows(rows))
+    table = _table(_section(markdown, "Results"))
+    base, int8 = table["Vanilla ViT"], table["Int8 \\| dynamic"]
+    assert base["CPU speed-up (×)"] == "1.00×" and base[EAGER_COLUMN] == "2.00×"
+    assert int8["CPU speed-up (×)"] == "2.00×" and int8[EAGER_COLUMN] == "4.00×"
+    assert table["Pruned 50%"]["CPU speed-up (×)"] == "37.50×"  # 3750 / 100
+    # The reference is named where the numbers are explained.
+    how = _section(markdown, "How this was measured")
+    assert "on **openvino-cpu-bf16**, the fastest float runtime" in how and "torch-eager-cpu" in how
+    legend = _section(markdown, "Legend")
+    assert "fastest float runtime (openvino-cpu-bf16)" in legend
+    assert f"- **{EAGER_COLUMN}**: CPU speed / the baseline's speed in eager PyTorch" in legend
+    headers = [line for line in _section(markdown, "Results").splitlines() if line.startswith("|")][0]
+    assert headers.index("CPU speed-up (×)") < headers.index(EAGER_COLUMN) < headers.index("Size ratio")
+
+
+def test_speed_up_reference_with_eager_only_has_no_eager_column(rows: list[dict[str, Any]]) -> None:
+    rows[0]["runtimes"] = {"torch-eager-cpu": {"cpu_img_s": 2500.0, "int_arithmetic": False}}
+    markdown = render_markdown(rows)
+    table = _table(_section(markdown, "Results"))
+    assert EAGER_COLUMN not in table["Vanilla ViT"]
+    assert table["Int8 \\| dynamic"]["CPU speed-up (×)"] == "2.00×"
+    how = _section(markdown, "How this was measured")
+    assert "on **torch-eager-cpu**, the only runtime it was measured on" in how
+    assert "measure.runtimes: [all]" in how
+
+
+def test_speed_reference_counts_only_float_runtimes() -> None:
+    # A compressed reference row: its integer runtime is not a float speed.
+    row = {"steps": ["ptq.static"], "cpu_img_s": 300.0, "runtime": "onnxruntime-cpu", "runtimes": {
+        "onnxruntime-cpu": {"cpu_img_s": 300.0, "int_arithmetic": True},
+        "torch-eager-cpu": {"cpu_img_s": 80.0, "int_arithmetic": False},
+        "torch-compile-cpu": {"cpu_img_s": 120.0, "int_arithmetic": False},
+    }}
+    ref = speed_reference(row)
+    assert (ref.img_s, ref.runtime, ref.eager_img_s) == (120.0, "torch-compile-cpu", 80.0)
+    assert set(ref.measured_on) == {"torch-eager-cpu", "torch-compile-cpu"}
+    # A row without steps is float whatever a runtime claimed (old rows marked OpenVINO's u8 reorders as int).
+    row = {"steps": [], "cpu_img_s": 100.0, "runtimes": {
+        "openvino-cpu-bf16": {"cpu_img_s": 100.0, "int_arithmetic": True},
+        "torch-eager-cpu": {"cpu_img_s": 40.0, "int_arithmetic": False}}}
+    assert speed_reference(row).runtime == "openvino-cpu-bf16"
+    # Rows written before runtimes existed: their own speed and runtime; no reference at all: nothing.
+    assert speed_reference({"cpu_img_s": 10.0, "runtime": "torch-eager-cpu"}).img_s == 10.0
+    assert speed_reference(None).img_s is None
+
+
 # --------------------------------------------------------------------------- csv and terminal
 
 
@@ -290,6 +350,15 @@ def test_render_terminal_table_has_main_columns_and_ok_rows(rows: list[dict[str,
     assert methods == ["Vanilla ViT", "Int8 | dynamic", "Pruned 50%"]
     assert [str(cell) for cell in table.columns[headers.index("Size ratio")].cells][1] == "50.0%"
     assert "TensorRT int8" in str(table.caption)
+    assert "CPU speed-up: vs Vanilla ViT on torch-eager-cpu" in str(table.caption)
+
+
+def test_render_terminal_table_names_the_speed_reference(rows: list[dict[str, Any]]) -> None:
+    table = render_terminal_table(_multi_runtime_rows(rows))
+    headers = [str(column.header) for column in table.columns]
+    assert EAGER_COLUMN in headers
+    assert [str(c) for c in table.columns[headers.index(EAGER_COLUMN)].cells][1] == "4.00×"
+    assert "vs Vanilla ViT on openvino-cpu-bf16 (its fastest float runtime)" in str(table.caption)
 
 
 # --------------------------------------------------------------------------- plots and write_report
