@@ -19,6 +19,13 @@ head. Higher means more important; the ranking in ``select.py`` removes the lowe
   ``masks.py``), and only the blocks from the candidate's on are re-run.
 * ``magnitude`` - the sum of squared weights a unit owns.
 * ``gate`` - the absolute value of the unit's learned soft gate (``gates.py``).
+
+Taylor and KL are sums over calibration batches. Under ``accelerate launch`` each
+process scores its own share of the batches (``structured.calibration_batches``)
+and the sums are added across processes, so every process ranks - and cuts - the
+same units, with the scores one process would get from all the batches (up to
+float64 summation order). Magnitude and gate scores read the weights and gates,
+which data-parallel training keeps identical in every process: nothing to reduce.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import dist
 from .groups import CoupledGroup, ParamSlice
 from .masks import install_gates, installed_gates, remove_gates
 
@@ -84,6 +92,7 @@ def taylor_importance(model: nn.Module, groups: list[CoupledGroup], batches: Ite
                     units[i] += c**2
                     if g.kind == "attn":
                         heads[i] += c.sum(-1) ** 2
+        dist.all_reduce_([*units, *(h for g, h in zip(groups, heads) if g.kind == "attn")], "sum")
     finally:
         model.zero_grad(set_to_none=True)
         model.to(home).train(was_training)
@@ -156,19 +165,22 @@ def kl_importance(model: nn.Module, groups: list[CoupledGroup], batches: Iterabl
         total = sum(F.kl_div(F.log_softmax(z.double(), -1), r, log_target=True, reduction="sum").item()
                     for z, r in zip(tail.logits(block), ref))
         gate[index] = 1.0
-        return max(total, 0.0)  # KL >= 0; a tiny negative is rounding
+        return float(total)
 
-    out: list[GroupScores] = []
+    all_units: list[torch.Tensor] = []
+    all_heads: list[torch.Tensor | None] = []  # whole-head scores where heads are the candidates
     try:
         for g, gate_mod, mag in zip(groups, gates, mags, strict=True):
             gate = gate_mod.gate.data.view(g.shape)  # a view: writes reach the module's gate
             units = torch.zeros(g.shape, dtype=torch.float64)
+            all_units.append(units)
             if g.kind == "attn" and attention_unit == "head":
                 heads = torch.tensor([kl_without(gate, (torch.tensor(h),), g.block) for h in range(g.shape[0])],
                                      dtype=torch.float64)
                 units[:] = heads[:, None] / g.shape[1]
-                out.append(GroupScores(units, heads))
+                all_heads.append(heads)
                 continue
+            all_heads.append(None)
             # Channel chunks ordered by magnitude; for attention, the same magnitude ranks in every head.
             order = mag.units.argsort(dim=-1)  # (heads, head_dim) or (hidden,)
             for ranks in torch.arange(g.shape[-1]).chunk(min(chunks, g.shape[-1])):
@@ -178,10 +190,15 @@ def kl_importance(model: nn.Module, groups: list[CoupledGroup], batches: Iterabl
                 else:
                     index = order[ranks]
                 units[index] = kl_without(gate, index, g.block) / units[index].numel()
-            out.append(_with_heads(g, units))
     finally:
         remove_gates(model, groups, fold=False)
         model.to(home).train(was_training)
+    # Sums over images: add the processes' parts, then clip (KL >= 0; a tiny negative is rounding).
+    dist.all_reduce_([*all_units, *(h for h in all_heads if h is not None)], "sum")
+    out: list[GroupScores] = []
+    for g, units, heads in zip(groups, all_units, all_heads, strict=True):
+        units.clamp_(min=0.0)
+        out.append(GroupScores(units, heads.clamp_(min=0.0)) if heads is not None else _with_heads(g, units))
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ... import dist
 from ...config import check
 from ..registry import StepOutput, register_method
 from .cut import apply_plans, plans_from_meta, plans_to_meta, ranges
@@ -68,7 +69,14 @@ def _check_common(cfg: StructuredPruneConfig) -> None:
 
 
 def calibration_batches(ctx: Any, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(ctx.calib_loader(n=64 * n, batch_size=64))
+    """This process's share of ``n`` batches of 64 calibration images (all of them in one process).
+
+    Under ``accelerate launch`` each process scores its own batches and the
+    importance functions add the scores across processes (``importance.py``).
+    """
+    batches = list(ctx.calib_loader(n=64 * n, batch_size=64))
+    part = dist.shard(len(batches))
+    return batches[part.start:part.stop]
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -37,7 +37,14 @@ from ...config import check
 from ...errors import VitcompressError
 from ..registry import StepOutput, register_method
 from .observers import CALIBRATORS, CalibratorName, make_observer
-from .static import attention_names, calibrate, layernorm_names, linear_names, quantize_structure
+from .static import (
+    attention_names,
+    calibrate,
+    calibration_loader,
+    layernorm_names,
+    linear_names,
+    quantize_structure,
+)
 
 _BITS = re.compile(r"^w(\d)a(\d)att(\d)$")
 
@@ -97,6 +104,7 @@ def fqvit_quantize(model: nn.Module, cfg: FQViTConfig, ctx: Any) -> StepOutput:
     meta = {"linears": linear_names(model, cfg.skip_head), "attentions": attention_names(model),
             "layernorms": layernorm_names(model)}
     _structure(model, cfg, meta, cfg.weight_calibrator)
-    n = calibrate(model, ctx.calib_loader(cfg.calib_images),
-                  lambda: make_observer(cfg.calibrator, percentile=cfg.percentile, seed=ctx.seed))
+    loader, first_batch = calibration_loader(ctx, cfg.calib_images)
+    n = calibrate(model, loader, lambda: make_observer(cfg.calibrator, percentile=cfg.percentile, seed=ctx.seed),
+                  first_batch)
     return StepOutput(model.eval(), meta | {"calib_images": n})

@@ -23,12 +23,21 @@ Observers keep an exact running min/max and, where the rule needs the values
 themselves (percentile, OMSE, PTF), a uniform random sample of them (bottom-k
 of random keys, so every value seen has the same chance to be kept and memory
 stays bounded).
+
+Across processes (``accelerate launch``, each process calibrating on its own
+batches, :func:`vitcompress.dist.shard`), every observer hands its ``state()``
+to the others and ``merge`` combines them into what one process would have
+observed on all the batches, exactly: min/max by min and max; EMA by replaying
+the per-batch ranges in batch order; samples by keeping the bottom k of the
+union, where a value's key depends only on the seed, the global batch index
+and its position in the batch, so the union's bottom k is the sample one
+process would have kept.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -63,25 +72,44 @@ class _Sample:
     """A bounded uniform random sample of the rows of everything fed to ``add``.
 
     Each row gets a random key; the ``k`` rows with the smallest keys are kept,
-    which is a uniform sample without replacement over all rows ever seen.
+    which is a uniform sample without replacement over all rows ever seen. The
+    keys of batch ``b`` come from a generator seeded by ``(seed, b)``: the same
+    rows get the same keys whichever process sees the batch, and bottom-k of a
+    union is bottom-k of the parts' bottom-k, so samples merge exactly. Keys are
+    float64 so that ties (which would make the kept order depend on arrival) do
+    not occur in practice.
     """
 
     def __init__(self, k: int, seed: int = 0) -> None:
         self.k = k
-        self.gen = torch.Generator().manual_seed(seed)
-        self.keys = torch.empty(0)
+        self.seed = seed
+        self.keys = torch.empty(0, dtype=torch.float64)
         self.rows: torch.Tensor | None = None
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, batch: int) -> None:
         rows = rows.detach().float().cpu()
-        keys = torch.rand(rows.shape[0], generator=self.gen)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + batch) % 2**63)
+        self._keep(rows, torch.rand(rows.shape[0], generator=gen, dtype=torch.float64))
+
+    def _keep(self, rows: torch.Tensor, keys: torch.Tensor) -> None:
         if self.rows is not None:
             rows = torch.cat([self.rows, rows])
             keys = torch.cat([self.keys, keys])
         if rows.shape[0] > self.k:
-            keep = torch.topk(keys, self.k, largest=False).indices
+            keep = torch.topk(keys, self.k, largest=False).indices  # sorted by key
             rows, keys = rows[keep], keys[keep]
         self.rows, self.keys = rows, keys
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.rows is None else (self.rows, self.keys)
+
+    def merge(self, states: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+        """Become the sample of all processes' rows (``states`` in rank order, this process's included)."""
+        self.rows, self.keys = None, torch.empty(0, dtype=torch.float64)
+        parts = [s for s in states if s is not None]
+        if parts:
+            # Rank order is batch order (contiguous shards): below k rows, the one-process order too.
+            self._keep(torch.cat([r for r, _ in parts]), torch.cat([k for _, k in parts]))
 
     def values(self) -> torch.Tensor:
         if self.rows is None:
@@ -95,11 +123,23 @@ class Observer:
     def __init__(self) -> None:
         self.lo = math.inf
         self.hi = -math.inf
+        # Global index of the next batch; calibration sets it to this process's first batch.
+        self.batch = 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
+        self.batch += 1
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`merge` needs from this process (picklable)."""
+        return {"lo": self.lo, "hi": self.hi}
+
+    def merge(self, states: list[dict[str, Any]]) -> None:
+        """Combine every process's :meth:`state` (rank order, this one's included) into all-batch statistics."""
+        self.lo = min(s["lo"] for s in states)
+        self.hi = max(s["hi"] for s in states)
 
     def clip_range(self, qmin: int, qmax: int) -> tuple[float, float]:
         self._check()
@@ -122,28 +162,34 @@ class EmaObserver(Observer):
     """Moving averages of the per-batch min and max.
 
     FQ-ViT uses σ = 0.01 over its calibration batches; with the few batches a
-    small calibration set gives here, σ = 0.1 lets later batches count.
+    small calibration set gives here, σ = 0.1 lets later batches count. The
+    per-batch ranges are kept (two floats a batch) and averaged at the end, so
+    processes that each saw some of the batches can replay them in batch order.
     """
 
     def __init__(self, sigma: float = 0.1) -> None:
         super().__init__()
         self.sigma = sigma
-        self.ema_lo: float | None = None
-        self.ema_hi: float | None = None
+        self.ranges: list[tuple[float, float]] = []
 
     def update(self, x: torch.Tensor) -> None:
         super().update(x)
-        lo, hi = float(x.min()), float(x.max())
-        if self.ema_lo is None or self.ema_hi is None:
-            self.ema_lo, self.ema_hi = lo, hi
-        else:
-            self.ema_lo += self.sigma * (lo - self.ema_lo)
-            self.ema_hi += self.sigma * (hi - self.ema_hi)
+        self.ranges.append((float(x.min()), float(x.max())))
+
+    def state(self) -> dict[str, Any]:
+        return super().state() | {"ranges": self.ranges}
+
+    def merge(self, states: list[dict[str, Any]]) -> None:
+        super().merge(states)
+        self.ranges = [r for s in states for r in s["ranges"]]
 
     def clip_range(self, qmin: int, qmax: int) -> tuple[float, float]:
         self._check()
-        assert self.ema_lo is not None and self.ema_hi is not None
-        return self.ema_lo, self.ema_hi
+        ema_lo, ema_hi = self.ranges[0]
+        for lo, hi in self.ranges[1:]:
+            ema_lo += self.sigma * (lo - ema_lo)
+            ema_hi += self.sigma * (hi - ema_hi)
+        return ema_lo, ema_hi
 
 
 class _SampledObserver(Observer):
@@ -152,8 +198,15 @@ class _SampledObserver(Observer):
         self.sample = _Sample(max_samples, seed)
 
     def update(self, x: torch.Tensor) -> None:
+        self.sample.add(x.detach().reshape(-1, 1), self.batch)
         super().update(x)
-        self.sample.add(x.detach().reshape(-1, 1))
+
+    def state(self) -> dict[str, Any]:
+        return super().state() | {"sample": self.sample.state()}
+
+    def merge(self, states: list[dict[str, Any]]) -> None:
+        super().merge(states)
+        self.sample.merge([s["sample"] for s in states])
 
 
 class PercentileObserver(_SampledObserver):
@@ -212,12 +265,22 @@ class PowerOfTwoObserver:
         self.lo = torch.full((channels,), math.inf)
         self.hi = torch.full((channels,), -math.inf)
         self.sample = _Sample(max_rows, seed)
+        self.batch = 0  # as in Observer
 
     def update(self, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, self.channels).float().cpu()  # (tokens, C)
         self.lo = torch.minimum(self.lo, rows.min(0).values)
         self.hi = torch.maximum(self.hi, rows.max(0).values)
-        self.sample.add(rows)
+        self.sample.add(rows, self.batch)
+        self.batch += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"lo": self.lo, "hi": self.hi, "sample": self.sample.state()}
+
+    def merge(self, states: list[dict[str, Any]]) -> None:
+        self.lo = torch.stack([s["lo"] for s in states]).amin(0)
+        self.hi = torch.stack([s["hi"] for s in states]).amax(0)
+        self.sample.merge([s["sample"] for s in states])
 
     def ptf_params(self, qmax: int, k: int) -> tuple[float, int, torch.Tensor]:
         """``(s, zp, α)``: base scale, shared zero point, per-channel power-of-two exponents in ``0..k``.

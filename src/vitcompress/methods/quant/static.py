@@ -30,7 +30,9 @@ import torch
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from ... import dist
 from ...config import check
+from ...data import make_loader
 from ..registry import StepOutput, register_method
 from .observers import CALIBRATORS, CalibratorName, Observer, make_observer
 from .qmodules import ActQuantizer, PowerOfTwoLayerNorm, QuantAttention, QuantLinear
@@ -102,11 +104,19 @@ def quantize_structure(model: nn.Module, meta: dict[str, Any], *, w_bits: int, a
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, loader: Iterable[Any], make: Callable[[], Observer]) -> int:
-    """Run ``loader`` through the float model with an observer on every quantizer; set scales. Returns #images."""
+def calibrate(model: nn.Module, loader: Iterable[Any], make: Callable[[], Observer], first_batch: int = 0) -> int:
+    """Run ``loader`` through the float model with an observer on every quantizer; set scales. Returns #images.
+
+    Under torch.distributed each process passes its own share of the batches (see
+    :func:`calibration_loader`; ``first_batch`` is the global index of its first batch)
+    and the observers merge across processes before the scales are set, so every
+    process gets the scales one process would get from all the batches.
+    """
     quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     for q in quantizers:
         q.begin_calibration(make())
+        if q.observer is not None:
+            q.observer.batch = first_batch
     model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
     seen = 0
@@ -114,6 +124,13 @@ def calibrate(model: nn.Module, loader: Iterable[Any], make: Callable[[], Observ
         for x, *_ in loader:
             model(x.to(device))
             seen += len(x)
+        if dist.is_distributed():
+            observers = [q.observer for q in quantizers if q.observer is not None]
+            # One collective for all quantizers; each process's list is in the same (module) order.
+            gathered = dist.all_gather_object((seen, [o.state() for o in observers]))
+            seen = sum(n for n, _ in gathered)
+            for i, o in enumerate(observers):
+                o.merge([states[i] for _, states in gathered])  # type: ignore[arg-type]
     except BaseException:
         for q in quantizers:
             q.observer = None  # leave no half-calibrated observer behind
@@ -121,6 +138,22 @@ def calibrate(model: nn.Module, loader: Iterable[Any], make: Callable[[], Observ
     for q in quantizers:
         q.end_calibration()
     return seen
+
+
+def calibration_loader(ctx: Any, n: int | None, batch_size: int = 64) -> tuple[Iterable[Any], int]:
+    """This process's share of the step's calibration slice, and the global index of its first batch.
+
+    In one process: the whole slice (``ctx.calib_loader``'s batches). Under
+    ``accelerate launch``: a contiguous run of whole batches, the processes'
+    runs together making the one-process batches in order.
+    """
+    ds = ctx.calib_dataset(n)
+    part = dist.shard(len(ds), batch_size)
+    if not part:
+        return [], part.start // batch_size
+    loader = make_loader(ds.subset(torch.arange(part.start, part.stop)), batch_size, train=False,
+                         img_size=ctx.img_size, in_chans=ctx.in_chans)
+    return loader, part.start // batch_size
 
 
 # ---- the method ---------------------------------------------------------------------------------------------
@@ -146,6 +179,7 @@ def static_quantize(model: nn.Module, cfg: StaticQuantConfig, ctx: Any) -> StepO
     model = copy.deepcopy(model).cpu().eval()
     meta = _meta(model, cfg)
     quantize_structure(model, meta, w_bits=cfg.w_bits, a_bits=cfg.a_bits, weight_calibrator=cfg.weight_calibrator)
-    n = calibrate(model, ctx.calib_loader(cfg.calib_images),
-                  lambda: make_observer(cfg.calibrator, percentile=cfg.percentile, seed=ctx.seed))
+    loader, first_batch = calibration_loader(ctx, cfg.calib_images)
+    n = calibrate(model, loader, lambda: make_observer(cfg.calibrator, percentile=cfg.percentile, seed=ctx.seed),
+                  first_batch)
     return StepOutput(model.eval(), meta | {"calib_images": n})
