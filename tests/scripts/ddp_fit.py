@@ -21,3 +21,5 @@ res = fit(m, ds, TrainConfig(epochs=2, batch_size=bs, mixed_precision="no"), wor
 if int(os.environ.get("RANK", 0)) == 0:
     with open(os.path.join(out, "hist.json"), "w") as f:
         json.dump([h["loss"] for h in res.history], f)
+    with open(os.path.join(out, "world.json"), "w") as f:
+        json.dump(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1, f)
