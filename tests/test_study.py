@@ -144,3 +144,62 @@ def test_same_recipe_and_seed_give_identical_accuracy_and_size(tmp_path) -> None
     for art_a, art_b in zip(sorted((tmp_path / "a").rglob("model.safetensors")),
                             sorted((tmp_path / "b").rglob("model.safetensors"))):
         assert art_a.read_bytes() == art_b.read_bytes()
+
+
+def test_a_diverging_experiment_becomes_a_failed_row_and_the_study_goes_on(tmp_path, monkeypatch) -> None:
+    """NaN in training (the real loop's check) and NaN weights out of a step: failed rows; the rest runs."""
+    import copy
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from vitcompress.methods import get_method
+    from vitcompress.methods.registry import METHODS, StepOutput
+    from vitcompress.report import render_terminal_table
+
+    def nan_training(model, cfg, ctx):  # a training step whose loss turns NaN at its first step
+        result = ctx.fit(copy.deepcopy(model), loss_fn=lambda m, x, y: F.cross_entropy(m(x), y) * float("nan"),
+                         epochs=1)
+        return StepOutput(result.model, {})
+
+    merge = get_method("tokens.merge")
+
+    def nan_weights(model, cfg, ctx):  # a step that hands back NaN weights without training
+        out = merge.apply(model, cfg, ctx)
+        with torch.no_grad():
+            out.model.head.weight.fill_(float("inf"))
+        return out
+
+    monkeypatch.setitem(METHODS, "train", dataclasses.replace(get_method("train"), apply=nan_training))
+    monkeypatch.setitem(METHODS, "tokens.merge", dataclasses.replace(merge, apply=nan_weights))
+    d = tiny_recipe_dict()
+    d["experiments"] = [
+        {"name": "Diverges", "steps": [{"train": {"student": "input"}}]},
+        {"name": "Infinite head", "steps": [{"tokens.merge": {"r": 2}}]},
+        *d["experiments"],
+    ]
+    logs: list[str] = []
+    res = run_study(parse_recipe(d), tmp_path / "run", progress=False, log=logs.append)
+    rows = {r["name"]: r for r in _rows(tmp_path / "run")}
+    assert list(rows) == ["Vanilla ViT", "Diverges", "Infinite head", "Dynamic Quantization"]
+    assert rows["Vanilla ViT"]["status"] == rows["Dynamic Quantization"]["status"] == "ok"
+    diverged, inf = rows["Diverges"], rows["Infinite head"]
+    assert diverged["status"] == inf["status"] == "failed"
+    assert "loss became nan" in diverged["error"] and "learning rate" in diverged["error"]
+    assert "non-finite" in inf["error"] and "tokens.merge" in inf["error"]
+    assert all("\n" not in r["error"] for r in (diverged, inf))
+    # Nothing broken is saved: a re-run tries the step again instead of loading it.
+    assert len(list((tmp_path / "run" / "artifacts").glob("*/model.safetensors"))) == 2
+    report = res.report["report"].read_text()
+    assert "## Failed experiments" in report and "loss became nan" in report and "non-finite" in report
+    assert sum("FAILED" in m for m in logs) == 2
+    render_terminal_table(res.rows)  # the CLI's table renders failed rows too
+
+
+def test_rows_with_non_finite_numbers_are_caught_before_the_results_file() -> None:
+    from vitcompress.study.runner import _non_finite
+
+    row = {"top1": 50.0, "cpu_img_s": float("nan"), "error": None, "runtimes": {"eager": {"p50": float("inf")}}}
+    assert _non_finite(row) == ["cpu_img_s", "runtimes.eager.p50"]
+    assert _non_finite({"top1": 1.0, "runtimes": {"eager": {"p50": 2.0}}}) == []

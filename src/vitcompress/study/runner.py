@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import sys
 import time
@@ -66,6 +67,26 @@ def _final_model_name(meta: dict[str, Any], default: str) -> str:
         if isinstance(student, dict) and student.get("name"):
             name = student["name"]
     return name
+
+
+def _check_finite(model: nn.Module, example: torch.Tensor, what: str) -> None:
+    """Refuse (before it is saved) a model whose outputs are NaN or inf: a diverged or broken step."""
+    with torch.inference_mode():
+        finite = bool(torch.isfinite(model(example)).all())
+    if not finite:
+        raise VitcompressError(f"{what} gave a model with non-finite (NaN or inf) outputs; it diverged or broke "
+                               "the weights (try a lower learning rate or turn off mixed precision)")
+
+
+def _non_finite(row: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys of ``row`` (nested dicts included) holding NaN or inf, which a JSON row cannot hold."""
+    bad = []
+    for key, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(prefix + key)
+        elif isinstance(value, dict):
+            bad += _non_finite(value, f"{prefix}{key}.")
+    return bad
 
 
 class _RunLock:
@@ -179,6 +200,7 @@ class Study:
             step_meta = [{"method": step.method, "config": to_dict(step.config), "meta": out.meta}]
         model = model.eval()
         example = self._example()
+        _check_finite(model, example, f"step {len(steps)} ({steps[-1].method})" if steps else "the baseline")
         # Quantization keeps the MAC count, and the counter sees some quantized parts and not others:
         # after a step that produced integer weights, keep the float model's count.
         quantized = bool(steps) and get_method(steps[-1].method).produces_int_weights
@@ -293,7 +315,11 @@ class Study:
             seconds = meta["seconds"]
             if exp.steps:  # the baseline's training is shared: count this chain's own steps only
                 seconds -= read_meta(self._artifact_dir(()))["seconds"]
-            return self._measure(exp, model, art, seconds)
+            row = self._measure(exp, model, art, seconds)
+            bad = _non_finite(row)
+            if bad:
+                raise VitcompressError(f"the measurement gave non-finite numbers ({', '.join(bad[:5])})")
+            return row
         except (VitcompressError, RuntimeError, ValueError) as exc:
             if self.debug or not exp.steps:
                 raise
