@@ -60,3 +60,98 @@ def test_missing_dataset_root_says_how_to_get_it(tmp_path) -> None:
     res = _run("study", str(p), "--out", str(tmp_path / "run"))
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "CIFAR" in res.stderr
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2, argv
+    captured = capsys.readouterr()
+    lines = captured.err.strip().split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Broken checkpoints for vitc_micro: truncated, corrupted, of another architecture, not a state dict, evil."""
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    from vitcompress.models import ModelSpec, create_model
+
+    root = tmp_path_factory.mktemp("ckpt")
+    state = {k: v.contiguous() for k, v in create_model(ModelSpec("vitc_micro")).state_dict().items()}
+    save_file(state, str(root / "good.safetensors"))
+    torch.save(state, root / "good.pth")
+    good_st, good_pth = (root / "good.safetensors").read_bytes(), (root / "good.pth").read_bytes()
+    files = {
+        "truncated.safetensors": good_st[: len(good_st) // 2],
+        "header-only.safetensors": good_st[:8],
+        "truncated.pth": good_pth[: len(good_pth) // 2],
+        "empty.pth": b"",
+        "corrupt-header.safetensors": good_st[:8] + b"\xff" * 16 + good_st[24:],
+        "garbage.pth": bytes(range(256)) * 4,
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    quick = create_model(ModelSpec("vitc_quick")).state_dict()
+    save_file({k: v.contiguous() for k, v in quick.items()}, str(root / "wrong-arch.safetensors"))
+    torch.save(quick, root / "wrong-arch.pth")
+    torch.save([1, 2, 3], root / "list.pth")
+    with open(root / "evil.pth", "wb") as f:
+        pickle.dump({"w": _Evil()}, f)
+    return root
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("truncated.safetensors", "cannot read checkpoint"), ("header-only.safetensors", "cannot read checkpoint"),
+    ("truncated.pth", "cannot read checkpoint"),
+    pytest.param("empty.pth", "cannot read checkpoint", marks=pytest.mark.xfail(
+        strict=True, raises=IndexError, reason="torch.load's EOFError on an empty file has an empty message, and "
+        "models._read_state_dict indexes str(exc).splitlines()[0]: a traceback instead of the one-line error")),
+    ("corrupt-header.safetensors", "cannot read checkpoint"), ("garbage.pth", "cannot read checkpoint"),
+    ("wrong-arch.safetensors", "does not fit"), ("wrong-arch.pth", "does not fit"),
+    ("list.pth", "no state dict"), ("evil.pth", "cannot read checkpoint"), ("missing.pth", "does not exist"),
+])
+def test_bad_checkpoints_on_the_command_line(checkpoints, name, expect, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(checkpoints)
+    line = _one_line_error(["bench", "vitc_micro", "--checkpoint", str(checkpoints / name), "--no-progress"], capsys)
+    assert expect in line and name in line
+    assert not (checkpoints / "pwned_by_pickle").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "meta"])
+def test_damaged_artifact_folder_on_the_command_line(tmp_path, damage, capsys) -> None:
+    from vitcompress.artifact import save_artifact
+    from vitcompress.models import ModelSpec, create_model
+
+    art = tmp_path / "art"
+    save_artifact(create_model(ModelSpec("vitc_micro")), art, {"model": ModelSpec("vitc_micro").to_dict(), "steps": []})
+    weights = art / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "header":
+        data = bytearray(weights.read_bytes())
+        data[8:20] = b"\xff" * 12
+        weights.write_bytes(bytes(data))
+    else:
+        (art / "meta.json").write_text("{not json")
+    line = _one_line_error(["bench", str(art), "--no-progress"], capsys)
+    assert "corrupt" in line or "truncated" in line or "does not match" in line
+
+
+@pytest.mark.xfail(strict=True, raises=OSError,
+                   reason="a name longer than the file system allows (ENAMETOOLONG) escapes as OSError from "
+                          "Path.exists() in study.recipe.load_recipe and cli._cmd_report; not yet a one-line error")
+@pytest.mark.parametrize("argv", [["validate", "r" * 300], ["study", "r" * 300], ["report", "r" * 300]])
+def test_names_too_long_for_the_file_system(tmp_path, monkeypatch, argv, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(argv, capsys)

@@ -138,3 +138,145 @@ def test_offline_pretrained_weights_from_a_local_file(tmp_path) -> None:
     model = create_model(ModelSpec("vitc_micro", num_classes=7, checkpoint=str(tmp_path / "w.safetensors")))
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     assert model.head.out_features == 7
+
+
+# ---- bad command lines ---------------------------------------------------------------------------------------
+SUBCOMMANDS = ("study", "search", "report", "list", "bench", "validate")
+BUNDLED = ("quick", "fashion-mnist", "cifar10", "cifar100")
+# Prepared in the fuzz's working folder: a directory named like a recipe, binary junk, YAML that is no recipe.
+BAD_FILES = {"bin.yaml": b"\xff\xfe\x00\x81junk", "list.yaml": b"- 1\n- 2\n", "empty.yaml": b"",
+             "broken.yaml": b"a: [1,\n", "scalar.yml": b"42\n", "recipe.txt": b"name: x\n"}
+BAD_PATHS = [*BAD_FILES, "dir.yaml", "missing.yaml", "no/such/dir/r.yaml", ".", "..", "/", "/dev/null", ""]
+
+# Argument text a shell could pass (no NUL, no lone surrogates); no newlines either, since errors quote the
+# argument and a newline in it would split the line. Free tokens never start with "-": argparse expands
+# unambiguous prefixes ("--deb" is --debug, "-h" prints help and exits 0), which is not bad input.
+TOKEN = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\n\r"), max_size=16)
+WORD = TOKEN.filter(lambda s: not s.startswith("-"))
+RECIPE = st.one_of(WORD.filter(lambda s: s not in BUNDLED), st.sampled_from(BAD_PATHS))
+UNKNOWN_FLAG = st.one_of(TOKEN.map(lambda s: "--zz" + s), WORD.map(lambda s: "-Z" + s))
+
+
+def _fails(parse: type, s: str) -> bool:
+    try:
+        parse(s)
+    except (ValueError, OverflowError):
+        return True
+    return False
+
+
+NOT_INT = TOKEN.filter(lambda s: _fails(int, s) and not s.startswith("-"))
+NOT_FLOAT = TOKEN.filter(lambda s: _fails(float, s) and not s.startswith("-"))
+NOT_CHOICE = WORD.filter(lambda s: s not in ("local", "ray", "cpu", "cuda", "auto"))
+OUT_OPTS = st.lists(st.tuples(st.sampled_from(["--out", "--data-root"]), WORD), max_size=2).map(
+    lambda pairs: [x for pair in pairs for x in pair])
+
+
+@st.composite
+def bad_argv(draw) -> list[str]:
+    """An argv that cannot run: unknown subcommand or flag, bad path, garbage recipe, non-numeric value."""
+    case = draw(st.sampled_from(["subcommand", "flag", "recipe", "number", "choice", "report", "missing", "extra"]))
+    if case == "subcommand":
+        return [draw(WORD.filter(lambda s: s not in SUBCOMMANDS)), *draw(st.lists(WORD, max_size=3))]
+    if case == "flag":
+        sub = draw(st.sampled_from(SUBCOMMANDS))
+        positional = {"list": []}.get(sub, [draw(RECIPE)])
+        return [sub, *positional, draw(UNKNOWN_FLAG)]
+    if case == "recipe":
+        sub = draw(st.sampled_from(["study", "search", "validate"]))
+        extra = draw(OUT_OPTS) if sub != "validate" else []
+        return [sub, draw(RECIPE), *extra]
+    if case == "number":
+        return draw(st.sampled_from([
+            ["search", draw(st.sampled_from(["quick", draw(RECIPE)])), "--trials", draw(NOT_INT)],
+            ["bench", "vitc_micro", draw(st.sampled_from(["--threads", "--repeats", "--warmup", "--latency-samples",
+                                                          "--img-size", "--in-chans", "--num-classes"])),
+             draw(NOT_INT)],
+            ["bench", "vitc_micro", "--min-repeat-seconds", draw(NOT_FLOAT)],
+            ["bench", "vitc_micro", "--batch-sizes", "x" + draw(TOKEN)],
+        ]))
+    if case == "choice":
+        return draw(st.sampled_from([["study", "quick", "--executor", draw(NOT_CHOICE)],
+                                     ["bench", "vitc_micro", "--device", draw(NOT_CHOICE)]]))
+    if case == "report":
+        return ["report", draw(st.one_of(WORD, st.sampled_from(BAD_PATHS)))]
+    if case == "missing":
+        return draw(st.sampled_from([[], ["search"], ["report"], ["validate"], ["bench"]]))
+    return ["list", draw(WORD)]  # "extra": list takes no arguments
+
+
+def _tree(root) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+                  for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def cli_workdir(tmp_path_factory):
+    """A working folder with the bad files in it; the fuzz runs there and checks that nothing changes in it."""
+    root = tmp_path_factory.mktemp("cli")
+    for name, data in BAD_FILES.items():
+        (root / name).write_bytes(data)
+    (root / "dir.yaml").mkdir()
+    before = os.getcwd()
+    os.chdir(root)
+    yield root
+    os.chdir(before)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bad_argv())
+def test_bad_command_lines_end_in_one_clear_line(cli_workdir, argv) -> None:
+    import contextlib
+    import io
+
+    from vitcompress.cli import main
+
+    before = _tree(cli_workdir)
+    out, err = io.StringIO(), io.StringIO()
+    usage_error = False
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)  # any other exception escapes here: a traceback, which fails the test
+        except SystemExit as exc:  # argparse's own errors: usage, then one "error:" line, exit 2
+            code, usage_error = exc.code, True
+    lines = err.getvalue().strip("\n").split("\n")
+    assert code == 2, (argv, code, err.getvalue())
+    assert "Traceback" not in err.getvalue() and out.getvalue() == ""
+    if usage_error:
+        assert lines[0].startswith("usage: vitcompress")
+        assert lines[-1].startswith("vitcompress") and ": error: " in lines[-1]
+    else:
+        assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) > 12, (argv, lines)
+    assert _tree(cli_workdir) == before  # nothing written, moved or touched
+
+
+# ---- damaged checkpoint files --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def micro_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    model = create_model(ModelSpec("vitc_micro"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(root / "m.safetensors"))
+    torch.save(state, root / "m.pth")
+    return root, {suffix: (root / f"m{suffix}").read_bytes() for suffix in (".safetensors", ".pth")}, model
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(suffix=st.sampled_from([".safetensors", ".pth"]), cut=st.floats(0.0, 1.0, exclude_max=True),
+       flips=st.lists(st.tuples(st.floats(0.0, 1.0, exclude_max=True), st.integers(0, 255)), max_size=4))
+def test_truncated_or_corrupted_checkpoints_load_or_fail_in_one_line(micro_checkpoints, suffix, cut, flips) -> None:
+    """Cut a checkpoint short (always an error) or overwrite bytes (an error, or other weights)."""
+    root, good, model = micro_checkpoints
+    data = bytearray(good[suffix])
+    for where, value in flips:
+        data[int(where * len(data))] = value
+    # At least one byte survives: an empty .pth is a known case (test_cli's xfail).
+    keep = max(1, int(cut * len(data))) if not flips else len(data)
+    path = root / f"damaged{suffix}"
+    path.write_bytes(bytes(data[:keep]))
+    try:
+        load_weights(model, path)  # the same model each time: a load that succeeds only changes its weights
+    except VitcompressError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+    else:
+        assert flips, "a truncated checkpoint loaded"
