@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import synthetic_train_set
+from conftest import FMNIST, synthetic_train_set
 from onnx import numpy_helper
 
 from vitcompress.artifact import load_artifact, save_artifact
@@ -148,6 +151,23 @@ def test_loaded_int8_artifact_exports_int8_initializers(static_artifact: Path, t
     assert par["cosine"] >= 0.99 and par["max_abs_logit_err"] < 0.05 * scale
 
 
+def test_bench_runtime_that_cannot_run_is_reported_and_others_go_on() -> None:
+    from vitcompress.measure.bench import BenchTarget
+
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("vitc_micro")).eval()
+    dynamic = get_method("ptq.dynamic").apply(model, get_method("ptq.dynamic").config_cls(), None).model
+    target = BenchTarget(dynamic, "vitc_micro + ptq.dynamic", "timm", "test", 28, 1, 10)
+    cfg = BenchConfig(runtimes=("torch-eager", "onnxruntime"), batch_sizes=(2,), threads=1, repeats=1, warmup=0,
+                      min_repeat_seconds=0.0, latency_samples=2)
+    result = run_bench(target, cfg)
+    eager, ort = result["runtimes"]
+    assert eager["error"] is None and eager["int_arithmetic"]  # torch.ao dynamic int8 kernels
+    # torch.ao's quantized modules do not export to ONNX: one line of plain text, no terminal colours.
+    assert ort["error"].startswith("VitcompressError: ONNX export") and "\x1b" not in ort["error"]
+    assert result["fastest"] == {"2": "torch-eager-cpu"}
+
+
 @pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO not installed (pip install 'vitcompress[openvino]')")
 def test_openvino_int_arithmetic_only_for_integer_layers(static_artifact: Path, tmp_path: Path) -> None:
     x = torch.randn(4, 1, 28, 28)
@@ -205,3 +225,56 @@ def test_bench_on_cuda() -> None:
     assert by["torch-eager"]["runtime"] == "torch-eager-cuda" and not by["torch-eager"]["int_arithmetic"]
     assert by["torch-eager"]["parity"]["cosine"] > 0.999
     assert "CPU only" in by["onnxruntime"]["error"]
+
+
+# ---- benchmarks/cpu_int8.py ----------------------------------------------------------------------------------
+CPU_INT8 = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_int8.py"
+
+
+def test_cpu_int8_benchmark_help() -> None:
+    done = subprocess.run([sys.executable, str(CPU_INT8), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--models", "--paths", "--ours", "--batch", "--threads", "--repeats", "--prune-ratio",
+                 "--gemm-shapes", "--out"):
+        assert flag in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed")
+def test_cpu_int8_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "int8.json"
+    paths = ["eager-fp32", "torch-dynamic-int8", "ort-dynamic-int8", "ours-int8", "pruned-ours-int8"]
+    if HAS_OPENVINO:
+        paths += ["ov-fp32", "ov-bf16"] + (["ov-nncf-int8"] if importlib.util.find_spec("nncf") else [])
+    cmd = [sys.executable, str(CPU_INT8), "--models", "vitc_micro", "--paths", ",".join(paths), "--ours", "static",
+           "--batch", "4", "--repeats", "1", "--warmup", "1", "--latency-samples", "3", "--min-repeat-seconds", "0",
+           "--threads", "1", "--calib-images", "32", "--eval-images", "16", "--gemm-shapes", "128x128x128",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| model | eager-fp32 |" in done.stdout and "| vitc_micro |" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["int8_limit"]["gemm_gops"] > 0 and result["int8_limit"]["best"]["int_arithmetic"]
+    (model,) = result["models"]
+    assert model["weights"] == "random init" and model["errors"] == {}
+    assert 0.15 < model["pruned"]["removed_fraction"] < 0.3
+    rows = model["rows"]
+    assert {r["path"] for r in rows} == set(paths)
+    # ours and pruned-ours: one row per runtime, the fastest marked.
+    assert sum(r["path"] == "ours-int8" for r in rows) == (2 if HAS_OPENVINO else 1)
+    assert sum(r["best_of_path"] for r in rows if r["path"] == "ours-int8") == 1
+    for r in rows:
+        assert r["img_s"] > 0 and r["latency_ms_p50"] > 0 and math.isfinite(r["cosine_vs_fp32"]), r["name"]
+        assert r["x_limit"] == pytest.approx(r["img_s"] / r["int8_limit_img_s"])
+        if "int8" in r["path"]:
+            assert r["int_arithmetic"], r["name"]
+        else:
+            assert not r["int_arithmetic"], r["name"]  # float deployments, OpenVINO bf16 included
+        if r["path"] == "eager-fp32":
+            assert r["cosine_vs_fp32"] == pytest.approx(1.0) and r["top1_agreement_vs_fp32"] == 1.0
+        elif r["path"] != "pruned-ours-int8":  # pruned without fine-tune: a speed row, its logits move
+            assert r["cosine_vs_fp32"] > 0.99, r["name"]
+    if "ov-nncf-int8" in paths:
+        nncf = next(r for r in rows if r["path"] == "ov-nncf-int8")
+        assert nncf["x_nncf"] == pytest.approx(1.0)
+        assert all(r["x_nncf"] == pytest.approx(r["img_s"] / nncf["img_s"]) for r in rows)

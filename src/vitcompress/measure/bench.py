@@ -15,6 +15,7 @@ on the same inputs, not accuracy.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -110,6 +111,45 @@ def latency(fn: Callable[[torch.Tensor], Any], one: torch.Tensor, samples: int, 
     return {"latency_ms_p50": 1e3 * _percentile(times, 50), "latency_ms_p95": 1e3 * _percentile(times, 95)}
 
 
+def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int,
+                     min_repeat_seconds: float) -> dict[str, list[float]]:
+    """Seconds per call of each callable (one number per repeat), the callables timed in turn, repeat after repeat.
+
+    For ratios between deployments on a machine other jobs may share: a burst of load then slows
+    every deployment in that round, not only the one running at the time. Otherwise the measurement
+    package's recipe: warm-up calls, then each repeat loops until it lasts ``min_repeat_seconds``.
+    """
+    inner = {}
+    for name, fn in calls.items():
+        for _ in range(warmup):
+            fn()
+        t = time.perf_counter()
+        fn()
+        inner[name] = max(1, int(min_repeat_seconds / max(time.perf_counter() - t, 1e-6)))
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            out[name].append((time.perf_counter() - t) / inner[name])
+    return out
+
+
+def latency_interleaved(calls: Mapping[str, Callable[[], Any]], samples: int) -> dict[str, dict[str, float]]:
+    """p50/p95 milliseconds of single calls, the callables called in turn ``samples`` times (after one warm-up)."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(samples):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: {"latency_ms_p50": 1e3 * _percentile(sorted(v), 50),
+                   "latency_ms_p95": 1e3 * _percentile(sorted(v), 95)} for name, v in times.items()}
+
+
 def logit_parity(reference: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
     """How closely ``out`` follows ``reference`` (logits of the same images)."""
     reference, out = reference.float().cpu(), out.float().cpu()
@@ -121,7 +161,7 @@ def logit_parity(reference: torch.Tensor, out: torch.Tensor) -> dict[str, float]
 
 
 # ---- targets ------------------------------------------------------------------------------------------------
-def _natural_shape(name: str) -> tuple[int, int, int]:
+def natural_shape(name: str) -> tuple[int, int, int]:
     """(img_size, in_chans, num_classes) a model name is built for: the preset's, or timm's pretrained config."""
     import timm
 
@@ -163,7 +203,7 @@ def load_target(target: str, *, checkpoint: str | None = None, img_size: int | N
     if not is_known_model(target):
         # create_model's error names similar models and the presets.
         create_model(ModelSpec(target))
-    size, chans, classes = _natural_shape(target)
+    size, chans, classes = natural_shape(target)
     spec = ModelSpec(target, num_classes=num_classes or classes, img_size=img_size or size,
                      in_chans=in_chans or chans, checkpoint=checkpoint)
     model = create_model(spec).eval()
@@ -239,7 +279,8 @@ def run_bench(target: BenchTarget, cfg: BenchConfig, *, progress: bool = False) 
                 dep = deploy(name, model, x, threads, onnx_dir, device=device)
                 entry = {"requested": name, **_measure_one(dep, x, reference, cfg), "error": None}
             except Exception as exc:  # this runtime cannot run this model: say so, go on with the others
-                first = " ".join(str(exc).split())[:300]
+                # Exporters colour their messages; a JSON file and a table want plain text.
+                first = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())[:300]
                 entry = {"requested": name, "runtime": name, "device": device, "error": f"{type(exc).__name__}: {first}"}
             entries.append(entry)
     ran = [e for e in entries if not e["error"]]
