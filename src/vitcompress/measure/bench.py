@@ -60,7 +60,7 @@ class BenchConfig:
         check(bool(self.batch_sizes) and all(b >= 1 for b in self.batch_sizes), "bench: batch sizes must be >= 1")
         check(self.threads is None or self.threads >= 1, "bench: threads must be >= 1")
         check(self.repeats >= 1 and self.warmup >= 0, "bench: repeats must be >= 1 and warmup >= 0")
-        check(self.min_repeat_seconds >= 0, "bench: min_repeat_seconds must be >= 0")
+        check(0 <= self.min_repeat_seconds < 3600, "bench: min_repeat_seconds must be in [0, 3600)")
         check(self.latency_samples >= 2, "bench: latency_samples must be >= 2")
         check(self.parity_images >= 1, "bench: parity_images must be >= 1")
         check(self.device in ("cpu", "cuda", "auto"), f"bench: device must be cpu, cuda or auto, got {self.device!r}")
