@@ -482,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in args.paths if x not in PATHS] + [x for x in args.ours if x not in OURS]
     if bad or args.batch < 1 or args.repeats < 1 or args.threads < 1:
         p.error(f"unknown path or variant {bad[0]}" if bad else "--batch, --repeats and --threads must be >= 1")
+    if "eager-fp32" not in args.paths:
+        p.error("--paths must keep eager-fp32: it is the reference of the cosine similarity")
     shapes = _shapes(args.gemm_shapes)
 
     torch.set_num_threads(args.threads)
