@@ -197,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # a path the file system refuses (too long, no permission, a disk full, ...)
+        if args.debug:
+            raise
+        where = f" {str(exc.filename)[:120]}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or a pickle that wants to run code
         raise VitcompressError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
+            f"cannot read checkpoint {path}: {type(exc).__name__}: {(str(exc).splitlines() or ['empty or truncated file'])[0][:200]}; "
             "pass a .safetensors file or a torch.save'd state dict of tensors"
         ) from None
     if isinstance(state, dict):
