@@ -36,7 +36,7 @@ from torch import nn
 
 from ...errors import VitcompressError
 from ...models import ModelSpec, is_known_model
-from ...models.presets import PRESETS
+from ...models.presets import PRESETS, build_vit, stem_channels
 
 # Narrower heads than this learn poorly; "tiny" lowers the head count instead.
 MIN_HEAD_DIM = 16
@@ -44,11 +44,7 @@ STUDENT_CHOICES = ("same", "tiny", "input")
 
 
 def _vit(distilled: bool, **kwargs: Any) -> VisionTransformer:
-    for key in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)  # timm passes its hub arguments on; these students have no hub weights
-    kwargs.setdefault("in_chans", 1)
-    kwargs.setdefault("num_classes", 10)
-    return VisionTransformerDistilled(**kwargs) if distilled else VisionTransformer(**kwargs)
+    return build_vit(VisionTransformerDistilled if distilled else VisionTransformer, **kwargs)
 
 
 @register_model
@@ -76,7 +72,10 @@ def quarter_arch(arch: dict[str, Any]) -> dict[str, Any]:
     heads = int(arch["num_heads"])
     while heads > 1 and (width % heads or width // heads < MIN_HEAD_DIM):
         heads -= 1
-    return {**arch, "embed_dim": width, "num_heads": heads}
+    out = {**arch, "embed_dim": width, "num_heads": heads}
+    if arch.get("stem"):  # a conv stem shrinks with the blocks, or it would dominate the student's cost
+        out["stem"] = [max(8, int(c) // 2) for c in arch["stem"]]
+    return out
 
 
 def _student_presets() -> dict[str, tuple[dict[str, Any], bool, str]]:
@@ -125,7 +124,7 @@ def teacher_arch(teacher: nn.Module) -> dict[str, Any]:
     fc1 = getattr(teacher.blocks[0].mlp, "fc1", None)
     if patch[0] != patch[1] or not isinstance(fc1, nn.Linear) or not hasattr(attn, "qkv"):
         raise VitcompressError("this teacher's blocks are not timm's standard ViT blocks; name the student model")
-    return {
+    arch = {
         "patch_size": int(patch[0]),
         "embed_dim": int(teacher.embed_dim),
         "depth": len(teacher.blocks),
@@ -133,6 +132,10 @@ def teacher_arch(teacher: nn.Module) -> dict[str, Any]:
         "mlp_ratio": fc1.out_features / teacher.embed_dim,
         "qkv_bias": attn.qkv.bias is not None,
     }
+    stem = stem_channels(teacher)
+    if stem:
+        arch["stem"] = list(stem)
+    return arch
 
 
 def student_spec(choice: str, reference: nn.Module | None, *, dist_token: bool, num_classes: int, img_size: int,
