@@ -239,7 +239,13 @@ def fit(
             # (distillation) or a reference model called inside loss_fn runs in bf16 too.
             with accelerator.autocast():
                 loss = loss_fn(model, x, y)
-            if not torch.isfinite(loss.detach()):
+            finite = bool(torch.isfinite(loss.detach()))
+            if world > 1:
+                # Every process must stop together: one that raised alone would leave the others
+                # waiting forever in the next gradient all-reduce.
+                bad = torch.tensor(0.0 if finite else 1.0, device=accelerator.device)
+                finite = accelerator.reduce(bad, reduction="sum").item() == 0
+            if not finite:
                 raise TrainingDiverged(
                     f"{desc}: loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; "
                     "lower the learning rate (train.lr) or turn off mixed precision"
