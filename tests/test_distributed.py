@@ -61,14 +61,24 @@ def test_a_whole_study_under_accelerate_launch_writes_each_row_once(tmp_path) ->
     d = tiny_recipe_dict()
     # Two batches of calibration images: each process calibrates on one, the scales are merged.
     d["experiments"].append({"name": "Static", "steps": [{"ptq.static": {"calib_images": 128}}]})
+    # Every other family's training loop under the same launch: QAT, distillation, a pruning fine-tune
+    # (with Taylor scores reduced across processes), a low-rank fine-tune.
+    d["experiments"] += [
+        {"name": "LSQ", "steps": [{"qat.lsq": {"bits": 4, "epochs": 1, "train_subset": 256}}]},
+        {"name": "DeiT", "steps": [{"distill": {"student": "same", "epochs": 1, "train_subset": 256}}]},
+        {"name": "Pruned", "steps": [{"prune.structured": {"ratio": 0.2, "importance": "taylor",
+                                                           "finetune_subset": 256}}]},
+        {"name": "SVD", "steps": [{"lowrank.svd": {"keep": 0.5, "finetune_epochs": 1, "finetune_images": 256}}]},
+    ]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(d))
     res = _launch("-m", "vitcompress", "study", str(recipe), "--out", str(tmp_path / "run"), "--no-progress",
                   timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    assert [r["name"] for r in rows] == ["Vanilla ViT", "Dynamic Quantization", "Static"]
-    assert all(r["status"] == "ok" for r in rows)
+    assert [r["name"] for r in rows] == ["Vanilla ViT", "Dynamic Quantization", "Static", "LSQ", "DeiT", "Pruned",
+                                         "SVD"]
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     meta = json.loads((tmp_path / "run" / rows[2]["artifact"]).with_name("meta.json").read_text())
     assert meta["steps"][-1]["meta"]["calib_images"] == 128  # counted over both processes
 
