@@ -30,6 +30,7 @@ from vitcompress.methods.quant.qmodules import (
     QuantAttention,
     QuantLinear,
     _log2_round,
+    dequant_weight_t,
     fake_quant,
 )
 from vitcompress.methods.quant.static import StaticQuantConfig
@@ -125,6 +126,17 @@ def test_fake_quant_op_matches_reference():
     # A narrower code range clips (4-bit activations in a uint8 container).
     y = fake_quant(x, s, torch.tensor(8, dtype=torch.int32), 0, 15)
     assert y.max() <= (15 - 8) * 0.05 + 1e-6 and y.min() >= -8 * 0.05 - 1e-6
+
+
+def test_custom_ops_fake_kernels_match_the_real_ones():
+    """torch.compile and the exporter trace with the fake kernels: shapes, dtypes and strides must agree.
+
+    A contiguous fake for the transposed weight made torch.compile fail on every QDQ model.
+    """
+    w = torch.randint(-127, 128, (48, 16), dtype=torch.int8)
+    torch.library.opcheck(dequant_weight_t, (w, torch.rand(48) + 0.1))
+    x = torch.randn(2, 5, 16)
+    torch.library.opcheck(fake_quant, (x, torch.tensor(0.05), torch.tensor(128, dtype=torch.int32), 0, 255))
 
 
 @pytest.mark.parametrize("bits,min_snr", [(8, 38.0), (6, 26.0), (4, 14.0)])

@@ -70,7 +70,9 @@ def dequant_weight_t(w_int: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @dequant_weight_t.register_fake
 def _(w_int: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return w_int.new_empty((w_int.shape[1], w_int.shape[0]), dtype=torch.float32)
+    # The same layout as the real kernel's output: the transpose of a contiguous (out, in) tensor.
+    # A contiguous (in, out) here broke torch.compile ("expected stride 1==288") on every QDQ model.
+    return w_int.new_empty((w_int.shape[0], w_int.shape[1]), dtype=torch.float32).t()
 
 
 class QuantModule(nn.Module):
