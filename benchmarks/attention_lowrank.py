@@ -12,7 +12,7 @@ Three parts, each printed as a table and written to the JSON file given by ``--o
    from 197 to 4097 tokens (224 to 1024 px images in 16 px patches): exact attention as timm runs it
    (fused ``scaled_dot_product_attention``; also its plain matmul-softmax path) against Nyström
    (m = 24/32/64) and Performer (FAVOR+). Median of repeats at a fixed thread count, the variants
-   timed in turn within each round (see `time_interleaved`); ratios are against exact attention
+   timed in turn within each round (see `median_ms`); ratios are against exact attention
    measured in the same rounds.
    The crossover is the shortest measured length from which the approximation stays faster, and an
    estimate between the two bracketing lengths (log-log interpolation of the speed ratio).
@@ -45,6 +45,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from vitcompress.measure import environment
+from vitcompress.measure.bench import time_interleaved
 from vitcompress.methods.lowrank import NystromAttention, PerformerAttention, swap_attention
 
 STUDY_LANDMARKS = (24, 32, 64)
@@ -62,28 +63,12 @@ def _variants(landmarks: list[int], features: list[int]) -> dict[str, Any]:
     return out
 
 
-def time_interleaved(fns: dict[str, Any], rounds: int, min_seconds: float) -> dict[str, float]:
-    """Median ms per call of each function, the functions timed in turn, round after round.
-
-    ``vitcompress.measure`` times one model at a time; here the point is a *ratio* between
-    variants on a machine other jobs share, so every round times every variant once: a burst
-    of load then slows all of them, not just whichever ran at that moment. Same recipe
-    otherwise: warm-up call, ``perf_counter``, each sample loops to last ``min_seconds``.
-    """
-    inner = {}
-    for name, fn in fns.items():
-        fn()  # warm-up
-        t = time.perf_counter()
-        fn()
-        inner[name] = max(1, int(min_seconds / max(time.perf_counter() - t, 1e-6)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t) / inner[name])
-    return {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+def median_ms(fns: dict[str, Any], rounds: int, min_seconds: float) -> dict[str, float]:
+    """Median ms per call of each function, timed in turn round after round by the measurement
+    package's `time_interleaved` (a burst of load on a shared machine slows every variant of that
+    round, so the ratios hold)."""
+    seconds = time_interleaved(fns, warmup=1, repeats=rounds, min_repeat_seconds=min_seconds)
+    return {name: 1e3 * statistics.median(v) for name, v in seconds.items()}
 
 
 # ---- 1. one layer ------------------------------------------------------------------------------
@@ -102,7 +87,7 @@ def bench_layer(tokens: list[int], dim: int, heads: int, batch: int, repeats: in
         # m >= n is exact attention, not an approximation: not timed.
         fns = {name: (lambda layer=layer, x=x: layer(x)) for name, layer in layers.items()
                if not (name.startswith("nystrom-") and layer.landmarks >= n)}
-        times = time_interleaved(fns, repeats, min_seconds)
+        times = median_ms(fns, repeats, min_seconds)
         row: dict[str, Any] = {"tokens": n} | {name: times.get(name) for name in layers}
         rows.append(row)
         log(_fmt_row(row, "exact-sdpa"))
@@ -127,7 +112,7 @@ def bench_model(img_sizes: list[int], batch: int, repeats: int, min_seconds: flo
                 continue  # exact attention, not an approximation
             models[name] = copy.deepcopy(base).eval()
             swap_attention(models[name], lambda i, attn, build=build: build(attn).eval())
-        times = time_interleaved({k: (lambda m=m, x=x: m(x)) for k, m in models.items()}, repeats, min_seconds)
+        times = median_ms({k: (lambda m=m, x=x: m(x)) for k, m in models.items()}, repeats, min_seconds)
         row: dict[str, Any] = {"tokens": n, "img_size": size, "exact-sdpa": times["exact-sdpa"]}
         row |= {name: times.get(name) for name in variants}
         rows.append(row)
