@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import statistics
 import sys
@@ -58,7 +57,7 @@ from vitcompress.errors import VitcompressError
 from vitcompress.export.onnx import OnnxRunner, deployment_info, export_onnx, integer_ops_in_session
 from vitcompress.measure import count_macs, environment, uses_integer_kernels
 from vitcompress.measure.bench import latency_interleaved, natural_shape, time_interleaved
-from vitcompress.measure.runtimes import deploy_openvino
+from vitcompress.measure.runtimes import deploy_openvino, installed
 from vitcompress.methods import get_method, parse_config
 from vitcompress.models import PRESETS, ModelSpec, create_model
 from vitcompress.study.context import StepContext
@@ -233,7 +232,7 @@ def _ours(model: nn.Module, variant: str, ctx: StepContext, example: torch.Tenso
     runner, int_ok, info = _ort(onnx_path, q, threads)
     out.append(Deployment(f"{path} {variant} onnxruntime", path, "onnxruntime-cpu", runner, int_ok, variant, flops,
                           info))
-    if importlib.util.find_spec("openvino") is not None:  # without OpenVINO, ours runs in ONNX Runtime only
+    if installed("openvino"):  # without OpenVINO, ours runs in ONNX Runtime only
         fn, runtime, int_ok, info = _ov(onnx_path, threads)
         out.append(Deployment(f"{path} {variant} openvino", path, runtime, fn, int_ok, variant, flops, info))
     return out

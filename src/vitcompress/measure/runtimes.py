@@ -59,13 +59,13 @@ def resolve(names: list[str] | tuple[str, ...], model: nn.Module) -> list[str]:
             # A QDQ model in eager PyTorch is a float simulation, not a deployment: measure it where it deploys.
             out += ["onnxruntime"] if deploy_runtime(model) == "onnxruntime" else ["torch-eager"]
         elif name == "all":
-            out += [r for r in RUNTIMES if _installed(r)]
+            out += [r for r in RUNTIMES if installed(r)]
         else:
             out.append(name)
     return list(dict.fromkeys(out))
 
 
-def _installed(runtime: str) -> bool:
+def installed(runtime: str) -> bool:
     import importlib.util
 
     module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(runtime)
