@@ -29,7 +29,21 @@ from torch import nn
 from .groups import CoupledGroup
 
 
-class QVGatedLinear(nn.Linear):
+class _GatedLinear(nn.Linear):
+    """What the gated Linears share: a plain ``nn.Linear`` of the same shape, with or without the gate."""
+
+    def _empty_linear(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                         device=self.weight.device, dtype=self.weight.dtype)
+
+    def plain(self) -> nn.Linear:
+        """The same weights as a plain ``nn.Linear``, the gate dropped."""
+        out = self._empty_linear()
+        out.weight, out.bias = self.weight, self.bias
+        return out
+
+
+class QVGatedLinear(_GatedLinear):
     """timm's fused ``qkv`` Linear with a gate per (head, dim) on the q and v outputs."""
 
     def __init__(self, in_features: int, num_heads: int, head_dim: int, bias: bool = True,
@@ -58,22 +72,15 @@ class QVGatedLinear(nn.Linear):
     def folded(self) -> nn.Linear:
         """A plain Linear computing the same function, the gates multiplied into its rows."""
         scale = self._row_scale().detach()
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        out = self._empty_linear()
         with torch.no_grad():
             out.weight.copy_(self.weight * scale[:, None])
             if self.bias is not None:
                 out.bias.copy_(self.bias * scale)
         return out
 
-    def plain(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        out.weight, out.bias = self.weight, self.bias
-        return out
 
-
-class InputGatedLinear(nn.Linear):
+class InputGatedLinear(_GatedLinear):
     """An ``nn.Linear`` (MLP ``fc2``) whose input features are each scaled by a gate."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -93,18 +100,11 @@ class InputGatedLinear(nn.Linear):
         return F.linear(x * self.gate, self.weight, self.bias)  # (B, N, out)
 
     def folded(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        out = self._empty_linear()
         with torch.no_grad():
             out.weight.copy_(self.weight * self.gate.detach()[None, :])
             if self.bias is not None:
                 out.bias.copy_(self.bias)
-        return out
-
-    def plain(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        out.weight, out.bias = self.weight, self.bias
         return out
 
 
