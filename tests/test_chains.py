@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import tiny_recipe_dict
 
-from vitcompress.artifact import load_artifact
+from vitcompress.artifact import load_artifact, save_artifact
+from vitcompress.config import to_dict
 from vitcompress.methods import METHODS, StepOutput, get_method
 from vitcompress.methods.quant.dynamic import DynamicQuantConfig
 from vitcompress.study import parse_recipe, run_study
@@ -65,10 +66,14 @@ def test_shared_prefix_is_built_once_and_chain_equals_steps_by_hand(tmp_path, co
     base = load_artifact((tmp_path / "run" / rows["Vanilla ViT"]["artifact"]).parent)
     by_hand = copy.deepcopy(base)
     by_hand.head.weight.data *= 3.0
-    by_hand = get_method("ptq.dynamic").apply(by_hand, DynamicQuantConfig(), None).model
+    out = get_method("ptq.dynamic").apply(by_hand, DynamicQuantConfig(), None)
     chained = load_artifact((tmp_path / "run" / rows["scaled + int8"]["artifact"]).parent)
+    meta = json.loads((tmp_path / "run" / rows["scaled + int8"]["artifact"]).with_name("meta.json").read_text())
+    # Saved as the study saves after a quantization step (float16 for what stays float), then read back.
+    save_artifact(out.model, tmp_path / "by_hand", meta | {"steps": meta["steps"][:1] + [
+        {"method": "ptq.dynamic", "config": to_dict(DynamicQuantConfig()), "meta": out.meta}]}, float16=True)
+    by_hand = load_artifact(tmp_path / "by_hand")
     x = torch.randn(6, 1, 28, 28)
     with torch.inference_mode():
         torch.testing.assert_close(chained(x), by_hand(x))
-    meta = json.loads((tmp_path / "run" / rows["scaled + int8"]["artifact"]).with_name("meta.json").read_text())
     assert [s["method"] for s in meta["steps"]] == ["test.scale_head", "ptq.dynamic"]

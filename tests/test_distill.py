@@ -182,10 +182,11 @@ def test_deit_student_save_load_and_chain_with_dynamic_quantization(teacher_and_
     torch.testing.assert_close(_logits(loaded, ds), _logits(student, ds), atol=1e-5, rtol=1e-5)
 
     qcfg = parse_config("ptq.dynamic", {}, "test")
-    q = get_method("ptq.dynamic").apply(student, qcfg, None).model
+    qout = get_method("ptq.dynamic").apply(student, qcfg, None)
+    q = qout.model
     assert uses_integer_kernels(q)
     assert "quantized" in type(q.head).__module__ and "quantized" in type(q.head_dist).__module__
-    qloaded = _save_load(q, [step, {"method": "ptq.dynamic", "config": to_dict(qcfg), "meta": {}}], tmp_path, "q")
+    qloaded = _save_load(q, [step, {"method": "ptq.dynamic", "config": to_dict(qcfg), "meta": qout.meta}], tmp_path, "q")
     x = next(iter(make_loader(ds, 16, train=False, img_size=28, in_chans=1)))[0]
     with torch.inference_mode():
         torch.testing.assert_close(qloaded(x), q(x))

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from onnx_checks import assert_int8_initializers_are_ours
 
 from vitcompress.data import ImageTensorDataset, dataset_info, make_loader
 from vitcompress.export.onnx import (
@@ -24,7 +25,7 @@ from vitcompress.export.onnx import (
 from vitcompress.measure import MeasureConfig, cpu_speed, evaluate_accuracy
 from vitcompress.methods import get_method
 from vitcompress.methods.quant.fqvit import FQViTConfig
-from vitcompress.methods.quant.qmodules import ActQuantizer, QuantLinear
+from vitcompress.methods.quant.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from vitcompress.methods.quant.static import StaticQuantConfig
 from vitcompress.models import ModelSpec, create_model
 from vitcompress.study.context import StepContext
@@ -72,16 +73,14 @@ def test_static_int8_graph_runs_integer_matmuls(tmp_path):
     path = export_onnx(q, x[:16], tmp_path / "q.onnx")
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    int8 = [a for a in inits.values() if a.dtype == np.int8]
     qlinears = [m for m in q.modules() if isinstance(m, QuantLinear)]
-    assert len(int8) == len(qlinears) == 9
-    # The int8 initializers are our weights (transposed to (in, out) for MatMul), bit for bit.
-    ours = sorted(m.weight_int8.t().numpy().tobytes() for m in qlinears)
-    assert sorted(a.tobytes() for a in int8) == ours
+    qconvs = [m for m in q.modules() if isinstance(m, QuantConv2d)]
+    # The int8 initializers are our weights, bit for bit: 9 Linear layers and the patch projection.
+    assert len(assert_int8_initializers_are_ours(path, q)) == len(qlinears) + len(qconvs) == 9 + 1
     # Every QuantizeLinear uses one of our calibrated activation scales.
     act_scales = {np.float32(float(m.scale)) for m in q.modules() if isinstance(m, ActQuantizer)}
     ql = [n for n in graph.node if n.op_type == "QuantizeLinear"]
-    assert len(ql) == len(qlinears)
+    assert len(ql) == len(qlinears) + len(qconvs)
     assert {np.float32(inits[n.input[1]].item()) for n in ql} <= act_scales
     assert json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[FLOAT_PARTS_KEY]) == \
         float_parts(q)

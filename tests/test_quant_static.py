@@ -197,7 +197,8 @@ def test_static_file_holds_int8_weights_and_restores(tmp_path):
     with safe_open(str(tmp_path / "int8" / WEIGHTS_FILE), framework="pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     int_keys = [k for k in dtypes if k.endswith("weight_int8")]
-    assert len(int_keys) == n_linear and all(dtypes[k] == "I8" for k in int_keys)
+    # every Linear and the patch projection (Conv2d)
+    assert len(int_keys) == n_linear + 1 and all(dtypes[k] == "I8" for k in int_keys)
     assert size_on_disk(tmp_path / "int8") <= 0.30 * size_on_disk(tmp_path / "fp32")
 
     x = next(iter(make_loader(ds, 16, train=False, img_size=28, in_chans=1)))[0]

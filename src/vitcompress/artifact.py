@@ -2,7 +2,11 @@
 
 Quantized tensors are written as what they are, integer arrays (``int8``) with
 their scales and zero points, so the file's bytes are the model's real size
-and a reader can check the storage dtype. Nothing is pickled: loading rebuilds
+and a reader can check the storage dtype. With ``float16=True`` (the study asks for
+it after a quantization step) the float32 tensors that remain, such as biases,
+scales, norms and the position embedding, are stored as float16 and widened back
+to float32 when read; the study measures the model read back from the file, so
+the rounding is in every reported number. Nothing is pickled: loading rebuilds
 the module structure from ``meta.json`` (the model spec and each method step's
 ``restore``) and fills it with plain tensors, so an artifact cannot run code.
 """
@@ -27,12 +31,30 @@ META_FILE = "meta.json"
 _SEP = "::"
 
 
-def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dict[str, Any]) -> None:
+_F16_MAX = float(torch.finfo(torch.float16).max)
+_F16_TINY = float(torch.finfo(torch.float16).smallest_normal)
+
+
+def _fits_float16(t: torch.Tensor) -> bool:
+    """Whether float16 holds ``t``: no overflow, and every value within 2^10 of the largest in normal range.
+
+    Values far below the tensor's largest may become float16 subnormals (absolute error 3e-8),
+    which is no loss next to the tensor's own scale; a tensor whose main values would stays float32.
+    """
+    a = t.detach().abs().float()
+    top = float(a.max()) if a.numel() else 0.0
+    return top <= _F16_MAX and not ((a >= top * 2**-10) & (a > 0) & (a < _F16_TINY)).any()
+
+
+def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dict[str, Any],
+             float16: bool = False) -> None:
     if torch.is_tensor(value) and value.is_quantized:
         value = value.detach().cpu()
         tensors[key + _SEP + "int"] = value.int_repr().contiguous()
         if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            tensors[key + _SEP + "scale"] = value.q_per_channel_scales().to(torch.float32).contiguous()
+            scales = value.q_per_channel_scales().to(torch.float32)
+            small = float16 and _fits_float16(scales)
+            tensors[key + _SEP + "scale"] = scales.to(torch.float16 if small else torch.float32).contiguous()
             # A zero point lies in the integer range of the values, so it fits their own dtype.
             zps = value.q_per_channel_zero_points()
             tensors[key + _SEP + "zero_point"] = zps.to(value.int_repr().dtype).contiguous()
@@ -41,12 +63,15 @@ def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dic
             tensors[key + _SEP + "scale"] = torch.tensor([value.q_scale()], dtype=torch.float64)
             tensors[key + _SEP + "zero_point"] = torch.tensor([value.q_zero_point()], dtype=torch.int32)
             layout[key] = {"kind": "qtensor_per_tensor", "dtype": str(value.dtype)}
+    elif torch.is_tensor(value) and float16 and value.dtype == torch.float32 and _fits_float16(value):
+        # No layout entry (its name would cost bytes too): loading casts to the module's own dtype.
+        tensors[key] = value.detach().cpu().to(torch.float16).contiguous()
     elif torch.is_tensor(value):
         tensors[key] = value.detach().cpu().contiguous()  # plain tensors need no layout entry
     elif isinstance(value, (tuple, list)):
         layout[key] = {"kind": "tuple" if isinstance(value, tuple) else "list", "len": len(value)}
         for i, item in enumerate(value):
-            _flatten(f"{key}{_SEP}{i}", item, tensors, layout)
+            _flatten(f"{key}{_SEP}{i}", item, tensors, layout, float16)
     elif value is None:
         layout[key] = {"kind": "none"}
     elif isinstance(value, torch.dtype):
@@ -110,8 +135,11 @@ def _axis_shape(t: torch.Tensor, axis: int) -> list[int]:
     return shape
 
 
-def save_artifact(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+def save_artifact(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any], *,
+                  float16: bool = False) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/meta.json``; return the weights file.
+
+    ``float16``: store float32 tensors as float16 where float16 holds them (see the module doc).
 
     Both files are written to temporary names and renamed, so a crash never leaves
     a half-written artifact under the final name.
@@ -121,7 +149,7 @@ def save_artifact(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, 
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
     for key, value in model.state_dict().items():
-        _flatten(key, value, tensors, layout)
+        _flatten(key, value, tensors, layout, float16)
     _dedupe_shared(tensors)
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"vitcompress_layout": json.dumps(layout)})
@@ -186,7 +214,8 @@ def load_artifact(art_dir: str | os.PathLike) -> nn.Module:
         if method.restore is not None:
             cfg = parse_config(step["method"], step["config"], f"{art_dir}/meta.json steps[{i}]")
             model = method.restore(model, cfg, step.get("meta", {}))
-    state = OrderedDict(read_state(art_dir))
+    own = model.state_dict()
+    state = OrderedDict((key, _like(value, own.get(key))) for key, value in read_state(art_dir).items())
     # Module versions steer how quantized modules read their entries; they are not in the file
     # (nothing but tensors is), so take them from the freshly rebuilt structure.
     state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
@@ -197,6 +226,16 @@ def load_artifact(art_dir: str | os.PathLike) -> nn.Module:
             f"artifact {art_dir} does not match its own meta.json ({str(exc).splitlines()[0]}); delete it and re-run"
         ) from None
     return model.eval()
+
+
+def _like(key_value: Any, reference: Any) -> Any:
+    """Cast a float tensor read from the file (float16 storage) to the dtype of the module's own entry."""
+    if isinstance(key_value, (tuple, list)) and isinstance(reference, (tuple, list)) and len(key_value) == len(reference):
+        return type(key_value)(_like(v, r) for v, r in zip(key_value, reference))
+    if (torch.is_tensor(key_value) and torch.is_tensor(reference) and not key_value.is_quantized
+            and not reference.is_quantized and key_value.is_floating_point() and reference.is_floating_point()):
+        return key_value.to(reference.dtype)
+    return key_value
 
 
 def size_on_disk(art_dir: str | os.PathLike) -> int:

@@ -8,11 +8,13 @@ standard QDQ (ONNX operator docs: QuantizeLinear / DequantizeLinear):
 * ``fake_quant(x, s, zp)`` → ``QuantizeLinear(x, s, zp) → DequantizeLinear`` with
   *our calibrated* ``s`` and uint8 ``zp`` (per-axis on the last dim for PTF);
 * ``dequant_weight_t(w_int8, s_c)`` → ``DequantizeLinear(w_int8ᵀ, s_c, axis=1)`` on an
-  int8 initializer, so the ONNX file holds the integer weights.
+  int8 initializer, so the ONNX file holds the integer weights;
+* ``dequant_weight(w_int8, s_c)`` (conv weights) → ``DequantizeLinear(w_int8, s_c, axis=0)``.
 
 ONNX Runtime's QDQ transformer rewrites ``DQ(Q(x)) → MatMul ← DQ(w_int8)`` into
 ``com.microsoft.MatMulIntegerToFloat`` (uint8 × int8 products accumulated in
-int32, then one float scale): that is where the integer arithmetic happens.
+int32, then one float scale): that is where the integer arithmetic happens. A conv
+between two quantizers (``DQ → Conv → [Relu] → Q``) becomes ``QLinearConv``.
 :func:`integer_ops_in_session` reads the graph ORT actually runs (its
 ``optimized_model_filepath`` output) so a result row can say ``int_arithmetic``
 from evidence, and :func:`float_parts` names what stays float.
@@ -70,12 +72,19 @@ def _dequant_weight_t_onnx(w_int: Any, scale: Any) -> Any:
     return op.DequantizeLinear(op.Transpose(w_int, perm=[1, 0]), scale, axis=1)
 
 
+def _dequant_weight_onnx(w_int: Any, scale: Any) -> Any:
+    from onnxscript import opset18 as op
+
+    return op.DequantizeLinear(w_int, scale, axis=0)
+
+
 def _translation_table() -> dict[Any, Any]:
     from ..methods.quant import qmodules  # noqa: F401  (registers the custom ops)
 
     return {
         torch.ops.vitcompress.fake_quant.default: _fake_quant_onnx,
         torch.ops.vitcompress.dequant_weight_t.default: _dequant_weight_t_onnx,
+        torch.ops.vitcompress.dequant_weight.default: _dequant_weight_onnx,
     }
 
 
@@ -117,7 +126,13 @@ def float_parts(model: nn.Module) -> list[str]:
     """The parts of ``model`` that run as float ops in ONNX Runtime (empty list: none named)."""
     from timm.models.vision_transformer import Attention
 
-    from ..methods.quant.qmodules import LogIntSoftmax, PowerOfTwoLayerNorm, QuantAttention, QuantLinear
+    from ..methods.quant.qmodules import (
+        LogIntSoftmax,
+        PowerOfTwoLayerNorm,
+        QuantAttention,
+        QuantConv2d,
+        QuantLinear,
+    )
 
     mods = list(model.modules())
     if not any(isinstance(m, QuantLinear) for m in mods):
@@ -128,6 +143,9 @@ def float_parts(model: nn.Module) -> list[str]:
         parts.append(f"{float_linear} float Linear layer(s)")
     if any(isinstance(m, nn.Conv2d) for m in mods):
         parts.append("patch embedding (Conv)")
+    elif any(isinstance(m, QuantConv2d) for m in mods):
+        # Its output feeds float token arithmetic (no quantizer after it): int8 weights, float convolution.
+        parts.append("last conv of the patch embedding (int8 weights, float Conv)")
     if any(isinstance(m, PowerOfTwoLayerNorm) and m.ptf for m in mods):
         parts.append("PTF quantizer and LayerNorm (per-channel 2^α quantize/dequantize, float normalization)")
     elif any(isinstance(m, PowerOfTwoLayerNorm) for m in mods):

@@ -214,7 +214,9 @@ class Study:
             "macs": macs if macs is not None else parent_meta.get("macs"),
         }
         if dist.is_main():
-            save_artifact(model, art, meta)
+            # After a quantization step the float tensors left (biases, norms, scales, embeddings) are stored
+            # as float16: next to 8-bit or fewer weights their rounding is noise, and the file is what ships.
+            save_artifact(model, art, meta, float16=any(get_method(s.method).produces_int_weights for s in steps))
         dist.barrier()
         return load_artifact(art), art
 

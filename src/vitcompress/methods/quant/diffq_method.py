@@ -15,9 +15,13 @@ equation numbers differ between the paper's versions, so the steps are named her
 * evaluation and export use true uniform quantization: ``b_g`` rounded, levels
   ``round((w - min) / (max - min) * (2**b_g - 1))`` with one (min, max) per tensor.
 
-Only ``nn.Linear`` weights are quantized (the patch embedding, position embedding,
-norms and biases stay float32, as in ``qat.lsq``). Training runs through the shared
-loop (``ctx.fit``): the bit logits are parameters of the quantized modules, so the
+The weights of every ``nn.Linear`` and ``nn.Conv2d`` (a timm ViT's patch projection,
+every conv of a ``vitc_small`` stem) are quantized, as in ``qat.lsq``: first each BatchNorm
+that follows a conv is folded into it (:mod:`.convs`), and a layer whose weight count
+``group_size`` does not divide stays float (listed in ``float_linears``/``float_convs``);
+``convs: false`` quantizes the Linear weights only. The position embedding, class
+token, norms and biases stay float (float16 in the study's file). Training runs through the shared loop
+(``ctx.fit``): the bit logits are parameters of the quantized modules, so the
 loop's AdamW trains them (1-D, hence without weight decay). The loop has one learning
 rate, and a short fine-tune needs the bits to move much faster than the weights (the
 package gives them their own Adam at 1e-3 over hundreds of epochs), so each logit is
@@ -25,17 +29,19 @@ stored divided by ``k = bits_lr / lr`` and multiplied by ``k`` when read: Adam's
 is invariant to gradient scale, so the logit then moves with a peak learning rate of
 ``bits_lr`` on the loop's warm-up + cosine schedule.
 
-The artifact: each quantized Linear becomes a :class:`DiffqPackedLinear` whose
-state holds the rounded bit width of every group packed at the fewest bits that hold
-``b_g - min_bits``, the levels of the groups of each bit width packed at that width
-(:mod:`.packing`), the tensor's (min, max) and the float bias; the safetensors file is
-the packed size. Its forward unpacks and dequantizes on the fly and multiplies in
-float: ``int_arithmetic`` is false for this row, and its CPU speed includes the unpacking.
+The artifact: each quantized layer becomes a :class:`DiffqPackedLinear` or
+:class:`DiffqPackedConv2d` whose state holds the rounded bit width of every group
+packed at the fewest bits that hold ``b_g - min_bits``, the levels of the groups of
+each bit width packed at that width (:mod:`.packing`), the tensor's (min, max) and the
+float bias; the safetensors file is the packed size. Their forward unpacks and
+dequantizes on the fly and multiplies (or convolves) in float: ``int_arithmetic`` is
+false for this row, and its CPU speed includes the unpacking.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,7 +52,15 @@ from torch import nn
 from ...config import check
 from ...errors import VitcompressError
 from ..registry import StepOutput, register_method
-from .lsq import fit_overrides, quantizable_linears, reinit_weights
+from .convs import fold_batchnorms, refold_structure
+from .lsq import (
+    Conv2dOp,
+    LinearOp,
+    fit_overrides,
+    layer_geometry,
+    quantizable_layers,
+    reinit_weights,
+)
 from .packing import bits_for, pack_bits, packed_numel, unpack_bits
 
 LOGIT_SUFFIX = "_diffq"
@@ -64,6 +78,9 @@ class DiffqConfig:
     noise: Literal["uniform", "gaussian"] = "uniform"
     bits_lr: float = 0.02  # peak learning rate of the bit logits (the weights use lr)
     skip_head: bool = False
+    # Quantize the Conv2d weights too (patch projection or conv stem, BatchNorms folded in first);
+    # false: Linear weights only, the convs and BatchNorms stay as they are.
+    convs: bool = True
     epochs: int = 1
     lr: float | None = None  # None: the baseline's learning rate
     train_subset: int | None = None  # None: the baseline's
@@ -126,22 +143,23 @@ def learned_bits(quantizer: Any, model: nn.Module) -> torch.Tensor:
         return torch.cat([quantizer._get_bits(p).flatten() for p in bit_logits(model)] or [torch.zeros(0)])
 
 
-class DiffqPackedLinear(nn.Module):
+class _DiffqPackedLayer(nn.Module):
     """The exported DiffQ layer: per-group bit widths and levels, bit-packed; dequantized on the fly; float arithmetic.
 
-    State: ``group_bits`` uint8, the ``n_groups`` values ``b_g - min_bits`` packed at
-    ``bits_width`` bits; ``levels_{b}bit`` uint8, the levels of the groups with ``b_g = b``
-    (in group order) packed at ``b`` bits; ``weight_range`` float32 ``(2,)`` = (min, max);
-    ``bias`` float32 ``(out,)``.
+    The mixin (:class:`.lsq.LinearOp` or :class:`.lsq.Conv2dOp`) gives the weight's shape
+    and the op. State: ``group_bits`` uint8, the ``n_groups`` values ``b_g - min_bits``
+    packed at ``bits_width`` bits; ``levels_{b}bit`` uint8, the levels of the groups with
+    ``b_g = b`` (in group order; groups of ``group_size`` consecutive weights in C order)
+    packed at ``b`` bits; ``weight_range`` float32 ``(2,)`` = (min, max); ``bias`` float32 ``(out,)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, min_bits: int,
-                 bits_width: int, groups_per_bits: dict[int, int]) -> None:
+    def __init__(self, geometry: dict[str, Any], group_size: int, min_bits: int, bits_width: int,
+                 groups_per_bits: dict[int, int]) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = self._set_geometry(geometry)
         self.group_size, self.min_bits, self.bits_width = group_size, min_bits, bits_width
         self.groups_per_bits = {int(b): int(n) for b, n in sorted(groups_per_bits.items()) if int(n) > 0}
-        self.n_groups = in_features * out_features // group_size
+        self.n_groups = self.weight_numel // group_size
         if sum(self.groups_per_bits.values()) != self.n_groups:
             raise VitcompressError(f"DiffQ layer meta lists {sum(self.groups_per_bits.values())} groups, "
                                    f"its shape has {self.n_groups}; the artifact is corrupt, re-create it")
@@ -149,30 +167,29 @@ class DiffqPackedLinear(nn.Module):
         for b, n in self.groups_per_bits.items():
             self.register_buffer(f"levels_{b}bit", torch.zeros(packed_numel(n * group_size, b), dtype=torch.uint8))
         self.register_buffer("weight_range", torch.zeros(2))
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.zeros(self.weight_shape[0]), requires_grad=False) if geometry["bias"] else None
 
     @classmethod
-    def from_levels(cls, linear: nn.Linear, levels: torch.Tensor, weight_range: tuple[float, float],
-                    bits: torch.Tensor, group_size: int, min_bits: int) -> DiffqPackedLinear:
-        """Pack diffq's quantized state of one weight: ``levels`` (G, group_size), ``bits`` (G,)."""
+    def from_levels(cls, layer: nn.Module, levels: torch.Tensor, weight_range: tuple[float, float],
+                    bits: torch.Tensor, group_size: int, min_bits: int) -> _DiffqPackedLayer:
+        """Pack diffq's quantized state of one layer's weight: ``levels`` (G, group_size), ``bits`` (G,)."""
         bits = bits.reshape(-1).to(torch.int64)
         counts = {int(b): int((bits == b).sum()) for b in torch.unique(bits)}
         width = bits_for(int(bits.max()) - min_bits)
-        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, min_bits, width,
-                  counts)
+        mod = cls(layer_geometry(layer), group_size, min_bits, width, counts)
         with torch.no_grad():
             mod.group_bits.copy_(pack_bits(bits - min_bits, width))
             for b in mod.groups_per_bits:
                 getattr(mod, f"levels_{b}bit").copy_(pack_bits(levels[bits == b], b))
             mod.weight_range.copy_(torch.tensor(weight_range, dtype=torch.float32))
-            if linear.bias is not None:
-                mod.bias.copy_(linear.bias)
+            if layer.bias is not None:
+                mod.bias.copy_(layer.bias)
         return mod
 
     @property
     def weight_numel(self) -> int:
         """Weights this layer represents (its buffers hold them packed)."""
-        return self.in_features * self.out_features
+        return math.prod(self.weight_shape)
 
     def bits(self) -> torch.Tensor:
         return unpack_bits(self.group_bits, self.bits_width, self.n_groups, signed=False) + self.min_bits  # (G,)
@@ -194,27 +211,39 @@ class DiffqPackedLinear(nn.Module):
         mn, mx = self.weight_range.tolist()
         unit = 1 / (2 ** bits[:, None].float() - 1)  # (G, 1)
         w = self.levels(bits).float() * unit * (mx - mn) + mn  # (G, group_size)
-        return w.view(self.out_features, self.in_features)
+        return w.view(self.weight_shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)  # (..., out_features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(x, self.dequantized_weight().to(x.dtype))
 
     def extra_repr(self) -> str:
         hist = ", ".join(f"{b}b:{n}" for b, n in self.groups_per_bits.items())
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, groups by bits {{{hist}}} (packed)")
+        return f"{self._geometry_repr()}, group_size={self.group_size}, groups by bits {{{hist}}} (packed)"
+
+
+class DiffqPackedLinear(LinearOp, _DiffqPackedLayer):
+    """A Linear exported from DiffQ: ``F.linear`` with the dequantized packed weight."""
+
+
+class DiffqPackedConv2d(Conv2dOp, _DiffqPackedLayer):
+    """A Conv2d exported from DiffQ: ``F.conv2d`` with the dequantized packed weight."""
+
+
+_DIFFQ_PACKED: dict[str, type[_DiffqPackedLayer]] = {"linear": DiffqPackedLinear, "conv2d": DiffqPackedConv2d}
 
 
 def _restore(model: nn.Module, cfg: DiffqConfig, meta: dict[str, Any]) -> nn.Module:
+    refold_structure(model, meta.get("folded_bn", []))
     for layer in meta["layers"]:
-        model.set_submodule(layer["name"], DiffqPackedLinear(
-            layer["in"], layer["out"], layer["bias"], cfg.group_size, cfg.min_bits, layer["bits_width"],
-            {int(b): n for b, n in layer["groups_per_bits"].items()}))
+        # Meta written before convs were quantized names no kind: those layers are all Linear.
+        cls = _DIFFQ_PACKED[layer.get("kind", "linear")]
+        model.set_submodule(layer["name"], cls(layer, cfg.group_size, cfg.min_bits, layer["bits_width"],
+                                               {int(b): n for b, n in layer["groups_per_bits"].items()}))
     return model
 
 
 def export_packed(model: nn.Module, quantizer: Any, cfg: DiffqConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """Replace each quantized Linear by its :class:`DiffqPackedLinear`; detach the quantizer; return meta."""
+    """Replace each quantized layer by its packed DiffQ layer; detach the quantizer; return meta."""
     names = {id(mod): name for name, mod in model.named_modules()}
     state = quantizer.get_quantized_state(packed=False)
     # diffq lists the quantized state in the order of its quantized parameters (none are shared: detect_bound off).
@@ -223,11 +252,11 @@ def export_packed(model: nn.Module, quantizer: Any, cfg: DiffqConfig) -> tuple[n
     quantizer.detach()  # removes the hooks and the logit parameters
     layers, hist, total_bits, total = [], {}, 0, 0
     for name, (levels, weight_range, bits) in entries:
-        linear = model.get_submodule(name)
-        packed = DiffqPackedLinear.from_levels(linear, levels, weight_range, bits, cfg.group_size, cfg.min_bits)
+        layer = model.get_submodule(name)
+        cls = _DIFFQ_PACKED[layer_geometry(layer)["kind"]]
+        packed = cls.from_levels(layer, levels, weight_range, bits, cfg.group_size, cfg.min_bits)
         model.set_submodule(name, packed)
-        layers.append({"name": name, "in": packed.in_features, "out": packed.out_features,
-                       "bias": packed.bias is not None, "bits_width": packed.bits_width,
+        layers.append({"name": name, **layer_geometry(packed), "bits_width": packed.bits_width,
                        "groups_per_bits": {str(b): n for b, n in packed.groups_per_bits.items()}})
         for b, n in packed.groups_per_bits.items():
             hist[str(b)] = hist.get(str(b), 0) + n
@@ -235,7 +264,7 @@ def export_packed(model: nn.Module, quantizer: Any, cfg: DiffqConfig) -> tuple[n
         total += packed.weight_numel
     meta = {
         "layers": layers,
-        "avg_bits": total_bits / max(1, total),  # learned bits per quantized Linear weight, as stored (rounded)
+        "avg_bits": total_bits / max(1, total),  # learned bits per quantized weight (Linear and conv), as stored
         "learned_bits_mean": float(continuous.mean()) if continuous.numel() else None,  # before rounding
         "groups_per_bits": hist,
         "quantized_weights": total,
@@ -256,7 +285,9 @@ def diffq_qat(model: nn.Module, cfg: DiffqConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu()
     if cfg.from_scratch:
         reinit_weights(model, ctx.seed)
-    names = quantizable_linears(model, cfg.skip_head)
+    folded = fold_batchnorms(model) if cfg.convs else []
+    names = quantizable_layers(model, cfg.skip_head, cfg.convs)
+    # Layers whose weight the group size does not divide stay float (diffq needs whole groups).
     skipped = [n for n in names if model.get_submodule(n).weight.numel() % cfg.group_size]
     names = [n for n in names if n not in skipped]
     overrides = fit_overrides(cfg, ctx)
@@ -269,6 +300,7 @@ def diffq_qat(model: nn.Module, cfg: DiffqConfig, ctx: Any) -> StepOutput:
 
     model = ctx.fit(model, loss_fn=loss_fn, desc="qat.diffq", **overrides).model
     model, meta = export_packed(model, quantizer, cfg)
-    # Linear layers whose size the group size does not divide stay float (diffq needs whole groups).
-    meta["float_linears"] = skipped
+    meta["folded_bn"] = folded
+    meta["float_linears"] = [n for n in skipped if isinstance(model.get_submodule(n), nn.Linear)]
+    meta["float_convs"] = [n for n in skipped if isinstance(model.get_submodule(n), nn.Conv2d)]
     return StepOutput(model.eval(), meta)

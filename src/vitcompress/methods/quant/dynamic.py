@@ -6,10 +6,17 @@ tensor as in the study when ``per_channel: false``); activations are quantized
 on the fly per batch, and the matmuls run in int8 (fbgemm/oneDNN kernels, VNNI
 on this CPU). It needs no data. The runtime is CPU only: PyTorch has no CUDA
 kernel for these modules.
+
+PyTorch has no dynamic quantization for convolutions, so the patch embedding (or
+conv stem, BatchNorm folded first) gets weight-only int8 (``convs: true``, the
+default): int8 weights with per-channel scales in the file, dequantized when the
+conv runs in float. Without it a conv-stem model's file keeps a fifth of its
+weights in float32.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +25,8 @@ from torch import nn
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
 from ..registry import StepOutput, register_method
+from .qmodules import Int8Conv2d
+from .static import fold_for_quantization, refold, swap_modules
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,7 @@ class DynamicQuantConfig:
     per_channel: bool = True
     # Keep the classifier head in float: it is tiny, and its logits are what accuracy reads.
     skip_head: bool = False
+    convs: bool = True  # weight-only int8 for the Conv2d layers (BatchNorm folded); false: Linear layers only
 
 
 def _quantize(model: nn.Module, cfg: DynamicQuantConfig) -> nn.Module:
@@ -41,8 +51,13 @@ def _quantize(model: nn.Module, cfg: DynamicQuantConfig) -> nn.Module:
     return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=False)
 
 
+def _int8_convs(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    swap_modules(model, meta.get("convs", []), Int8Conv2d.from_conv, nn.Conv2d)
+    return model
+
+
 def _restore(model: nn.Module, cfg: DynamicQuantConfig, meta: dict[str, Any]) -> nn.Module:
-    return _quantize(model, cfg)
+    return _quantize(_int8_convs(refold(model, meta), meta), cfg)
 
 
 @register_method(
@@ -54,4 +69,6 @@ def _restore(model: nn.Module, cfg: DynamicQuantConfig, meta: dict[str, Any]) ->
     produces_int_weights=True,
 )
 def dynamic_quantize(model: nn.Module, cfg: DynamicQuantConfig, ctx: Any) -> StepOutput:
-    return StepOutput(_quantize(model, cfg))
+    model = copy.deepcopy(model).cpu().eval()
+    meta = fold_for_quantization(model, cfg.convs)
+    return StepOutput(_quantize(_int8_convs(model, meta), cfg), meta)

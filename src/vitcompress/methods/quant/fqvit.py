@@ -41,9 +41,11 @@ from .static import (
     attention_names,
     calibrate,
     calibration_loader,
+    fold_for_quantization,
     layernorm_names,
     linear_names,
     quantize_structure,
+    refold,
 )
 
 _BITS = re.compile(r"^w(\d)a(\d)att(\d)$")
@@ -72,6 +74,7 @@ class FQViTConfig:
     weight_calibrator: Literal["minmax", "omse"] = "minmax"
     calib_images: int | None = None  # None: the recipe's data.calib_images
     skip_head: bool = False
+    convs: bool = True  # also the patch embedding / conv stem (BatchNorm folded first)
 
     def __post_init__(self) -> None:
         parse_bits(self.bits)
@@ -88,7 +91,7 @@ def _structure(model: nn.Module, cfg: FQViTConfig, meta: dict[str, Any], weight_
 
 
 def _restore(model: nn.Module, cfg: FQViTConfig, meta: dict[str, Any]) -> nn.Module:
-    return _structure(model, cfg, meta, "minmax").eval()
+    return _structure(refold(model, meta), cfg, meta, "minmax").eval()
 
 
 @register_method(
@@ -101,8 +104,9 @@ def _restore(model: nn.Module, cfg: FQViTConfig, meta: dict[str, Any]) -> nn.Mod
 )
 def fqvit_quantize(model: nn.Module, cfg: FQViTConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu().eval()
-    meta = {"linears": linear_names(model, cfg.skip_head), "attentions": attention_names(model),
-            "layernorms": layernorm_names(model)}
+    meta = fold_for_quantization(model, cfg.convs) | {
+        "linears": linear_names(model, cfg.skip_head), "attentions": attention_names(model),
+        "layernorms": layernorm_names(model)}
     _structure(model, cfg, meta, cfg.weight_calibrator)
     loader, first_batch = calibration_loader(ctx, cfg.calib_images)
     n = calibrate(model, loader, lambda: make_observer(cfg.calibrator, percentile=cfg.percentile, seed=ctx.seed),

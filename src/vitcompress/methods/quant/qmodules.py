@@ -75,6 +75,17 @@ def _(w_int: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return w_int.new_empty((w_int.shape[0], w_int.shape[1]), dtype=torch.float32).t()
 
 
+@torch.library.custom_op("vitcompress::dequant_weight", mutates_args=())
+def dequant_weight(w_int: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float weight of an int8 weight ``(out, ...)`` with one scale per output channel (dim 0)."""
+    return w_int.to(torch.float32) * scale.view(-1, *([1] * (w_int.dim() - 1)))
+
+
+@dequant_weight.register_fake
+def _(w_int: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(w_int, dtype=torch.float32)
+
+
 class QuantModule(nn.Module):
     """Marker base: a module whose deployed form is integer QDQ in ONNX Runtime."""
 
@@ -208,6 +219,80 @@ class QuantLinear(QuantModule):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, w_bits={self.w_bits}, bias={self.bias is not None}"
+
+
+class Int8Conv2d(nn.Module):
+    """A ``Conv2d`` whose weight is stored as int8 with a float16 scale per output channel (symmetric).
+
+    On its own (``ptq.dynamic``) it is weight-only quantization: the forward dequantizes
+    the weight and convolves in float, and the int8 buffer is what the file holds. Its
+    subclass :class:`QuantConv2d` also quantizes the input, which makes it an integer
+    convolution once exported (see there). The bias is float16, like ``QuantLinear``'s.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], *, stride: tuple[int, int],
+                 padding: tuple[int, int] | str, dilation: tuple[int, int], bias: bool, w_bits: int = 8) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.w_bits = in_channels, out_channels, w_bits
+        self.kernel_size, self.stride, self.padding, self.dilation = tuple(kernel_size), tuple(stride), padding, \
+            tuple(dilation)
+        if not isinstance(padding, str):
+            self.padding = tuple(padding)
+        self.register_buffer("weight_int8", torch.zeros(out_channels, in_channels, *kernel_size, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=torch.float16), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, w_bits: int = 8, weight_calibrator: str = "minmax", **kwargs: int):
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise VitcompressError(f"cannot quantize a Conv2d with groups={conv.groups} / padding_mode="
+                                   f"{conv.padding_mode}; only plain convolutions are supported")
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,  # type: ignore[arg-type]
+                  padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,  # type: ignore[arg-type]
+                  w_bits=w_bits, **kwargs)
+        q, scale = quantize_weight_per_channel(conv.weight, w_bits, weight_calibrator,  # type: ignore[arg-type]
+                                               scale_dtype=torch.float16)
+        mod.weight_int8.copy_(q)
+        mod.weight_scale.copy_(scale)
+        if conv.bias is not None:
+            assert mod.bias is not None
+            mod.bias.data.copy_(conv.bias.detach())
+        return mod.to(conv.weight.device)
+
+    @property
+    def weight_numel(self) -> int:
+        return self.weight_int8.numel()
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequant_weight(self.weight_int8, self.weight_scale.float())
+        bias = self.bias.float() if self.bias is not None else None
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"w_bits={self.w_bits}, bias={self.bias is not None}")
+
+
+class QuantConv2d(Int8Conv2d, QuantModule):
+    """``y = conv(Q(x), w_int · s) + b``: int8 per-channel weights, uint8 calibrated input.
+
+    In ONNX the input is QuantizeLinear → DequantizeLinear and the weight a
+    DequantizeLinear of an int8 initializer (axis 0). When the conv's output is
+    quantized again by the next layer's input quantizer (a ReLU in between is
+    absorbed, the quantizer's zero point being 0 there), ONNX Runtime runs it as
+    ``QLinearConv`` (uint8 × int8, int32 accumulation); the last conv of a stem, whose
+    output feeds float token arithmetic, keeps an int8 weight but convolves in float.
+    """
+
+    def __init__(self, *args: object, a_bits: int = 8, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.input_quant = ActQuantizer(a_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(self.input_quant(x))
 
 
 # ---- LayerNorm with PTF inputs ------------------------------------------------------------------------------

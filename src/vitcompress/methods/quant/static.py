@@ -17,6 +17,12 @@ In PyTorch the model is a float simulation (:mod:`.qmodules`); its integer
 deployment is the ONNX export (:mod:`vitcompress.export.onnx`), where
 QuantizeLinear/DequantizeLinear around each MatMul run as ``MatMulIntegerToFloat``.
 The module swap is by instance (Linear → QuantLinear), never by patching classes.
+
+Convolutions (``convs: true``, the default): each BatchNorm after a conv is folded into
+it (:mod:`.convs`), and each ``Conv2d`` (a timm ViT's patch projection, the convs of a
+``vitc_small`` stem) becomes a :class:`.qmodules.QuantConv2d` with per-channel int8
+weights and a calibrated uint8 input; in ONNX Runtime the stem's convs run as
+``QLinearConv``.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ from ... import dist
 from ...config import check
 from ...data import make_loader
 from ..registry import StepOutput, register_method
+from .convs import conv_names, fold_batchnorms, refold_structure
 from .observers import CALIBRATORS, CalibratorName, Observer, make_observer
-from .qmodules import ActQuantizer, PowerOfTwoLayerNorm, QuantAttention, QuantLinear
+from .qmodules import ActQuantizer, PowerOfTwoLayerNorm, QuantAttention, QuantConv2d, QuantLinear
 
 HEAD_NAMES = ("head", "head_dist")
 
@@ -50,6 +57,7 @@ class StaticQuantConfig:
     calib_images: int | None = None  # None: the recipe's data.calib_images
     quant_attn_matmul: bool = False
     skip_head: bool = False  # keep the classifier head float
+    convs: bool = True  # also the patch embedding / conv stem (BatchNorm folded first); false: Linear layers only
 
     def __post_init__(self) -> None:
         check(self.w_bits in (2, 3, 4, 5, 6, 7, 8), "ptq.static.w_bits must be in 2..8 (int8 storage)")
@@ -92,7 +100,10 @@ def swap_modules(model: nn.Module, names: Iterable[str], build: Callable[[Any], 
 def quantize_structure(model: nn.Module, meta: dict[str, Any], *, w_bits: int, a_bits: int, att_bits: int = 8,
                        lis: bool = False, ptf: bool = True, ptf_k: int = 3,
                        weight_calibrator: str = "minmax") -> nn.Module:
-    """Swap the modules ``meta`` names for quantized ones (attention first: it keeps its qkv/proj by reference)."""
+    """Swap the modules ``meta`` names for quantized ones (attention first: it keeps its qkv/proj by reference).
+
+    ``meta["folded_bn"]`` (conv + BatchNorm pairs, see :mod:`.convs`) must already be folded.
+    """
     swap_modules(model, meta.get("attentions", []),
                  lambda m: QuantAttention(m, a_bits=a_bits, att_bits=att_bits, lis=lis), Attention)
     swap_modules(model, meta.get("layernorms", []),
@@ -100,6 +111,22 @@ def quantize_structure(model: nn.Module, meta: dict[str, Any], *, w_bits: int, a
     swap_modules(model, meta.get("linears", []),
                  lambda m: QuantLinear.from_linear(m, w_bits=w_bits, a_bits=a_bits,
                                                    weight_calibrator=weight_calibrator), nn.Linear)
+    swap_modules(model, meta.get("convs", []),
+                 lambda m: QuantConv2d.from_conv(m, w_bits=w_bits, a_bits=a_bits, weight_calibrator=weight_calibrator),
+                 nn.Conv2d)
+    return model
+
+
+def fold_for_quantization(model: nn.Module, convs: bool) -> dict[str, Any]:
+    """Fold the BatchNorms into their convs when the convs get quantized; the meta entries that say so."""
+    if not convs:
+        return {"convs": [], "folded_bn": []}
+    return {"folded_bn": fold_batchnorms(model), "convs": conv_names(model)}
+
+
+def refold(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    """The structure :func:`fold_for_quantization` left, rebuilt on a fresh float model (values from the file)."""
+    refold_structure(model, meta.get("folded_bn", []))
     return model
 
 
@@ -158,13 +185,15 @@ def calibration_loader(ctx: Any, n: int | None, batch_size: int = 64) -> tuple[I
 
 # ---- the method ---------------------------------------------------------------------------------------------
 def _meta(model: nn.Module, cfg: StaticQuantConfig) -> dict[str, Any]:
-    return {"linears": linear_names(model, cfg.skip_head),
-            "attentions": attention_names(model) if cfg.quant_attn_matmul else []}
+    """Folds the model's BatchNorms (when its convs are quantized) and names what gets quantized."""
+    return fold_for_quantization(model, cfg.convs) | {
+        "linears": linear_names(model, cfg.skip_head),
+        "attentions": attention_names(model) if cfg.quant_attn_matmul else []}
 
 
 def _restore(model: nn.Module, cfg: StaticQuantConfig, meta: dict[str, Any]) -> nn.Module:
     # Values come from the file; minmax is the cheapest way to fill the placeholders.
-    return quantize_structure(model, meta, w_bits=cfg.w_bits, a_bits=cfg.a_bits).eval()
+    return quantize_structure(refold(model, meta), meta, w_bits=cfg.w_bits, a_bits=cfg.a_bits).eval()
 
 
 @register_method(

@@ -1,0 +1,169 @@
+"""Conv weights in the quantization methods: BatchNorm folding, int8 convs, QLinearConv in ONNX Runtime, float16 storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from vitcompress.artifact import WEIGHTS_FILE, load_artifact, read_state, save_artifact, size_on_disk
+from vitcompress.config import to_dict
+from vitcompress.data import ImageTensorDataset, dataset_info
+from vitcompress.methods import get_method
+from vitcompress.methods.quant.convs import conv_names, fold_batchnorms, refold_structure
+from vitcompress.methods.quant.dynamic import DynamicQuantConfig
+from vitcompress.methods.quant.fqvit import FQViTConfig
+from vitcompress.methods.quant.qmodules import Int8Conv2d, QuantConv2d
+from vitcompress.methods.quant.static import StaticQuantConfig
+from vitcompress.models import ModelSpec, create_model
+from vitcompress.study.context import StepContext
+from vitcompress.train import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# vitc_small's layout (conv stem 32-64-128, width 96) at a quarter of its depth and stem width.
+STEM_SPEC = ModelSpec("vitc_small", kwargs={"depth": 1, "stem": [8, 16, 16]})
+
+
+def _stem_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model(STEM_SPEC)
+    with torch.no_grad():  # BatchNorm statistics of a trained model, not the identity of a fresh one
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.3, 3.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def _data(n: int = 64) -> ImageTensorDataset:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    return ImageTensorDataset(images, torch.randint(0, 10, (n,), generator=g), dataset_info("fashion-mnist"),
+                              "train", "synthetic")
+
+
+def _ctx(tmp_path) -> StepContext:
+    return StepContext(_data(), 28, 1, 10, 0, tmp_path, TrainConfig(epochs=1, mixed_precision="no"),
+                       calib_images=64, progress=False)
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def _save(model, out, method, cfg, meta, float16=True) -> None:
+    save_artifact(model, out, {"model": STEM_SPEC.to_dict(),
+                               "steps": [{"method": method, "config": to_dict(cfg), "meta": meta}]}, float16=float16)
+
+
+def _dtypes(art) -> dict[str, str]:
+    with safe_open(str(art / WEIGHTS_FILE), framework="pt") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_batchnorm_folding_keeps_the_function_and_restores_the_structure():
+    model = _stem_model()
+    x = _x()
+    with torch.no_grad():
+        ref = model(x)
+    folded = fold_batchnorms(model)
+    assert [p["bn"] for p in folded] == ["patch_embed.proj.layers.1", "patch_embed.proj.layers.4",
+                                         "patch_embed.proj.layers.7"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    fresh = create_model(STEM_SPEC)
+    refold_structure(fresh, folded)
+    fresh.load_state_dict(model.state_dict())  # strict: same keys and shapes
+    assert conv_names(model) == [f"patch_embed.proj.layers.{i}" for i in (0, 3, 6, 9)]
+
+
+@pytest.mark.parametrize("method,cfg", [("ptq.static", StaticQuantConfig()), ("ptq.fqvit", FQViTConfig())])
+def test_static_and_fqvit_quantize_the_conv_stem(tmp_path, method, cfg):
+    model = _stem_model()
+    out = get_method(method).apply(model, cfg, _ctx(tmp_path / "w"))
+    q = out.model
+    convs = [m for m in q.modules() if isinstance(m, QuantConv2d)]
+    assert len(convs) == 4 == len(out.meta["convs"])
+    assert not any(type(m) in (nn.Conv2d, nn.BatchNorm2d) for m in q.modules())
+    assert all(float(c.input_quant.scale) != 1.0 for c in convs)  # calibrated
+    _save(q, tmp_path / "a", method, cfg, out.meta)
+    dtypes = _dtypes(tmp_path / "a")
+    stem = {k: d for k, d in dtypes.items() if k.startswith("patch_embed.")}
+    assert {d for k, d in stem.items() if k.endswith("weight_int8")} == {"I8"}
+    assert not [k for k, d in stem.items() if d == "F32" and k.endswith("weight")]
+    loaded = load_artifact(tmp_path / "a")
+    x = _x()
+    with torch.no_grad():
+        ref, got = model(x), loaded(x)
+    cos = torch.nn.functional.cosine_similarity(got, ref).min()
+    assert cos > 0.98, cos
+
+
+def test_qdq_conv_runs_as_qlinearconv_in_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vitcompress.export.onnx import OnnxRunner, export_onnx, optimized_op_counts
+
+    q = get_method("ptq.static").apply(_stem_model(), StaticQuantConfig(), _ctx(tmp_path / "w")).model
+    x = _x()
+    path = export_onnx(q, x, tmp_path / "m.onnx")
+    ops = optimized_op_counts(path)
+    # Three 3x3 convs sit between two quantizers (a ReLU between is absorbed): integer convs. The
+    # last 1x1 conv feeds float token arithmetic: its weight is int8 in the file, it convolves in float.
+    assert ops.get("com.microsoft.QLinearConv") == 3, ops
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxRunner(path)(x), q(x), atol=0.05, rtol=0.0)
+
+
+def test_conv_quantization_can_be_switched_off_and_shrinks_the_file(tmp_path):
+    model = _stem_model()
+    sizes = {}
+    for convs in (True, False):
+        cfg = StaticQuantConfig(convs=convs)
+        out = get_method("ptq.static").apply(model, cfg, _ctx(tmp_path / f"w{convs}"))
+        assert (not convs) == any(isinstance(m, nn.BatchNorm2d) for m in out.model.modules())
+        _save(out.model, tmp_path / f"c{convs}", "ptq.static", cfg, out.meta)
+        sizes[convs] = size_on_disk(tmp_path / f"c{convs}")
+    stem_weights = sum(m.weight.numel() for m in model.patch_embed.modules() if isinstance(m, nn.Conv2d))
+    # float16 for what stays float (weights, BatchNorm) without convs, one byte per weight with them
+    assert sizes[False] - sizes[True] >= stem_weights * 0.9
+
+
+def test_dynamic_gives_the_stem_weight_only_int8(tmp_path):
+    model = _stem_model()
+    cfg = DynamicQuantConfig()
+    out = get_method("ptq.dynamic").apply(model, cfg, None)
+    convs = [m for m in out.model.modules() if isinstance(m, Int8Conv2d)]
+    assert len(convs) == 4 and not any(isinstance(m, QuantConv2d) for m in convs)  # no input quantizer
+    _save(out.model, tmp_path / "d", "ptq.dynamic", cfg, out.meta, float16=False)
+    assert {d for k, d in _dtypes(tmp_path / "d").items() if k.endswith("weight_int8")} == {"I8"}
+    loaded = load_artifact(tmp_path / "d")
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out.model(x))
+        assert torch.nn.functional.cosine_similarity(loaded(x), model(x)).min() > 0.98
+
+
+def test_float16_storage_halves_float_tensors_and_loads_as_float32(tmp_path):
+    model = _stem_model()
+    spec = {"model": STEM_SPEC.to_dict(), "steps": []}
+    with torch.no_grad():
+        model.pos_embed[0, 0, 0] = 1e6  # float16 overflows here: this tensor must stay float32
+    save_artifact(model, tmp_path / "f32", spec)
+    save_artifact(model, tmp_path / "f16", spec, float16=True)
+    dtypes = _dtypes(tmp_path / "f16")
+    assert dtypes["pos_embed"] == "F32" and dtypes["blocks.0.mlp.fc1.weight"] == "F16"
+    state = read_state(tmp_path / "f32")
+    floats = sum(t.numel() * 4 for k, t in state.items() if t.is_floating_point() and k != "pos_embed")
+    saved = size_on_disk(tmp_path / "f32") - size_on_disk(tmp_path / "f16")
+    assert abs(saved - floats / 2) < 0.01 * floats
+    loaded = load_artifact(tmp_path / "f16")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0.05, rtol=0.01)
+        assert not torch.equal(loaded(x), model(x))  # the file's rounding is in the loaded model
