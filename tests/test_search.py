@@ -92,3 +92,16 @@ def test_validation_split_is_carved_from_train(tmp_path) -> None:
     _ = s.train_ds
     val, fit = set(s.val_indices.tolist()), set(s.fit_indices.tolist())
     assert len(val) == 200 and not (val & fit) and len(val | fit) == 60000
+
+
+def test_relative_budgets_use_the_baseline_measured_in_the_same_run() -> None:
+    from vitcompress.search.space import Budgets
+
+    base = {"size_bytes": 2_000_000, "cpu_img_s": 1000.0, "top1": 90.0, "status": "ok"}
+    b = Budgets(max_size_mb=1.0, max_size_ratio=0.15, min_speedup=2.0, max_acc_drop=5.0)
+    assert b.limits(base) == (300_000, 2000.0)  # the tighter of the absolute and relative limits
+    assert Budgets(max_size_mb=0.2, min_cpu_img_s=2500.0, min_speedup=2.0).limits(base) == (200_000, 2500.0)
+    row = {"status": "ok", "size_bytes": 300_000, "cpu_img_s": 2000.0, "top1": 85.0}
+    assert search_runner._feasible(row, b, base)
+    for change in ({"size_bytes": 300_001}, {"cpu_img_s": 1999.0}, {"top1": 84.9}, {"status": "failed"}):
+        assert not search_runner._feasible(row | change, b, base), change

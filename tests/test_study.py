@@ -16,6 +16,7 @@ from conftest import tiny_recipe_dict
 
 from vitcompress.errors import VitcompressError
 from vitcompress.study import parse_recipe, run_study
+from vitcompress.report.table import read_results
 from vitcompress.study.results import append_row, load_rows, repair_tail
 
 pytestmark = pytest.mark.usefixtures("needs_fmnist")
@@ -203,3 +204,39 @@ def test_rows_with_non_finite_numbers_are_caught_before_the_results_file() -> No
     row = {"top1": 50.0, "cpu_img_s": float("nan"), "error": None, "runtimes": {"eager": {"p50": float("inf")}}}
     assert _non_finite(row) == ["cpu_img_s", "runtimes.eager.p50"]
     assert _non_finite({"top1": 1.0, "runtimes": {"eager": {"p50": 2.0}}}) == []
+
+
+def test_speed_pass_retimes_rows_interleaved_with_the_baseline(tmp_path) -> None:
+    from vitcompress.report.table import SpeedReference, same_round_reference, speed_reference
+    from vitcompress.study.retime import needs_retime
+
+    d = tiny_recipe_dict(experiments=[
+        {"name": "Dynamic Quantization", "steps": [{"ptq.dynamic": {}}]},
+        {"name": "Static int8", "steps": [{"ptq.static": {}}]},
+    ])
+    d["measure"]["interleave_group"] = 2  # each row in its own round with the baseline
+    log: list[str] = []
+    res = run_study(parse_recipe(d), tmp_path / "run", progress=False, log=log.append)
+    assert sum("speed pass, group" in line for line in log) == 2
+    rows = {r["name"]: r for r in read_results(tmp_path / "run" / "results.jsonl")}
+    assert len(rows) == 3 and not needs_retime(list(rows.values()))
+    base = rows["Vanilla ViT"]
+    for name in ("Dynamic Quantization", "Static int8"):
+        row = rows[name]
+        timing = row["timing"]
+        assert timing["mode"] == "interleaved" and set(timing["baseline_img_s"]) == set(base["runtimes"])
+        assert row["cpu_img_s"] == row["runtimes"][row["runtime"]]["cpu_img_s"] > 0
+        assert row["cpu_img_s_isolated"] > 0 and row["cpu_img_s"] != row["cpu_img_s_isolated"]
+        # The report's speed-up divides by the baseline's speed from the row's own round.
+        ref = same_round_reference(row, speed_reference(base))
+        assert ref == SpeedReference(timing["baseline_img_s"]["torch-eager-cpu"], "torch-eager-cpu",
+                                     ("torch-eager-cpu",), None)
+    assert {rows[n]["timing"]["group"] for n in ("Dynamic Quantization", "Static int8")} == {0, 1}
+    assert rows["Static int8"]["runtime"] == "onnxruntime-cpu"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Static int8" in report and len(res.rows) == 3
+    # A resumed run with nothing new keeps the numbers: no second speed pass.
+    log.clear()
+    run_study(parse_recipe(d), tmp_path / "run", progress=False, log=log.append)
+    assert not any("speed pass" in line for line in log)
+    assert read_results(tmp_path / "run" / "results.jsonl") == list(rows.values())

@@ -37,12 +37,17 @@ class MeasureConfig:
     # Where to run each model: "auto" (ONNX Runtime for our QDQ-quantized models, else PyTorch eager),
     # "all" (every runtime installed), or names from vitcompress.measure.runtimes.RUNTIMES.
     runtimes: list[str] = field(default_factory=lambda: ["auto"])
+    # After the last row, re-time every row interleaved with the baseline (groups of this many rows,
+    # the baseline one of them), so every speed-up is a same-round ratio; see vitcompress.study.retime.
+    interleave: bool = True
+    interleave_group: int = 8
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "measure.batch_size must be >= 1")
         check(self.threads is None or self.threads >= 1, "measure.threads must be >= 1 or null")
         check(self.repeats >= 1 and self.warmup >= 0, "measure.repeats must be >= 1 and warmup >= 0")
         check(self.latency_samples >= 2, "measure.latency_samples must be >= 2")
+        check(self.interleave_group >= 2, "measure.interleave_group must be >= 2 (the baseline and a row)")
         check(self.test_subset is None or self.test_subset >= 1, "measure.test_subset must be >= 1 or null")
         from .runtimes import CHOICES
 

@@ -179,6 +179,17 @@ def speed_reference(reference: Mapping[str, Any] | None) -> SpeedReference:
                           eager if eager is not None and not best.startswith("torch-eager") else None)
 
 
+def same_round_reference(row: Mapping[str, Any], speed_ref: SpeedReference) -> SpeedReference:
+    """The reference's speeds timed in the same interleaved round as ``row`` (the study's speed pass), if any."""
+    timing = row.get("timing")
+    base = timing.get("baseline_img_s") if isinstance(timing, Mapping) else None
+    if not isinstance(base, Mapping) or speed_ref.runtime not in base:
+        return speed_ref
+    eager = next((finite_number(v) for k, v in base.items() if str(k).startswith("torch-eager")), None)
+    return SpeedReference(finite_number(base[speed_ref.runtime]), speed_ref.runtime, speed_ref.measured_on,
+                          eager if speed_ref.eager_img_s is not None else None)
+
+
 def main_columns(speed_ref: SpeedReference) -> list[tuple[str, bool]]:
     """The main table's (header, right-aligned) columns; the eager ratio only when it differs."""
     columns = list(_MAIN_COLUMNS)
@@ -238,7 +249,7 @@ def _main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None,
                 speed_ref: SpeedReference | None = None) -> list[str]:
     """Plain-text cells of the main table, in ``main_columns(speed_ref)`` order."""
     ref = reference or {}
-    speed_ref = speed_ref or speed_reference(reference)
+    speed_ref = same_round_reference(row, speed_ref or speed_reference(reference))
     speed_up = _ratio(row.get("cpu_img_s"), speed_ref.img_s)
     size_ratio = _ratio(row.get("size_bytes"), ref.get("size_bytes"))
     method = str(row.get("name", DASH)) + (" ★" if row.get("pareto") else "")

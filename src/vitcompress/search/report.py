@@ -51,8 +51,12 @@ def _plot(rows: list[dict[str, Any]], base: dict[str, Any], x: str, path: Path) 
 def write_search_report(run_dir: Path, recipe: Any, base: dict[str, Any], rows: list[dict[str, Any]],
                         best: dict[str, Any] | None, test_top1: dict[str, float]) -> Path:
     b = recipe.search.budgets
-    budgets = [f"size ≤ {b.max_size_mb} MB" if b.max_size_mb is not None else None,
-               f"CPU ≥ {b.min_cpu_img_s} img/s ({b.runtime})" if b.min_cpu_img_s is not None else None,
+    max_bytes, min_img_s = b.limits(base)
+    budgets = [f"size ≤ {max_bytes / 1e6:.3f} MB" + (f" ({100 * b.max_size_ratio:g}% of the baseline's file)"
+                                                     if b.max_size_ratio else "") if max_bytes else None,
+               f"CPU ≥ {min_img_s:.0f} img/s" + (f" ({b.min_speedup:g}× the baseline on its fastest runtime, "
+                                                 f"{base.get('runtime')})" if b.min_speedup else "")
+               if min_img_s else None,
                f"accuracy drop ≤ {b.max_acc_drop} pt" if b.max_acc_drop is not None else None]
     lines = [f"# vitcompress search: {recipe.name}", "",
              f"- Budgets: {', '.join(x for x in budgets if x) or 'none'}",

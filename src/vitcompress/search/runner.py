@@ -84,22 +84,17 @@ class SearchResult:
     report: Path
 
 
-def _feasible(row: dict[str, Any], budgets: Any, base_top1: float) -> bool:
-    if row.get("status") != "ok":
-        return False
-    if budgets.max_size_mb is not None and row["size_bytes"] / 1e6 > budgets.max_size_mb:
-        return False
-    if budgets.min_cpu_img_s is not None and row["cpu_img_s"] < budgets.min_cpu_img_s:
-        return False
-    return not (budgets.max_acc_drop is not None and base_top1 - row["top1"] > budgets.max_acc_drop)
+def _feasible(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> bool:
+    return row.get("status") == "ok" and all(v <= 0 for v in _violations(row, budgets, base))
 
 
-def _violations(row: dict[str, Any], budgets: Any, base_top1: float) -> list[float]:
-    # Optuna's constraint convention: a value <= 0 means satisfied.
+def _violations(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> list[float]:
+    # Optuna's constraint convention: a value <= 0 means satisfied (sizes in MB, speeds in images/s).
+    max_bytes, min_img_s = budgets.limits(base)
     return [
-        (row["size_bytes"] / 1e6 - budgets.max_size_mb) if budgets.max_size_mb is not None else -1.0,
-        (budgets.min_cpu_img_s - row["cpu_img_s"]) if budgets.min_cpu_img_s is not None else -1.0,
-        ((base_top1 - row["top1"]) - budgets.max_acc_drop) if budgets.max_acc_drop is not None else -1.0,
+        (row["size_bytes"] - max_bytes) / 1e6 if max_bytes is not None else -1.0,
+        (min_img_s - row["cpu_img_s"]) if min_img_s is not None else -1.0,
+        ((base["top1"] - row["top1"]) - budgets.max_acc_drop) if budgets.max_acc_drop is not None else -1.0,
     ]
 
 
@@ -166,7 +161,7 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
                 opt.tell(trial, state=TrialState.FAIL)
                 continue
             row |= {"trial": trial.number, "params": trial.params}
-            violations = _violations(row, cfg.budgets, base["top1"])
+            violations = _violations(row, cfg.budgets, base)
             trial.set_user_attr("violations", violations)
             row["feasible"] = all(v <= 0 for v in violations)
             append_row(trials_path, row)
@@ -176,7 +171,7 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
 
         rows = [r for r in load_rows(trials_path) if r.get("trial", -1) >= 0]
         ok = mark_pareto([r for r in rows if r.get("status") == "ok"])
-        feasible = [r for r in ok if _feasible(r, cfg.budgets, base["top1"])]
+        feasible = [r for r in ok if _feasible(r, cfg.budgets, base)]
         best = max(feasible, key=lambda r: (r["top1"], -r["size_bytes"])) if feasible else None
         test_eval = _evaluate_on_test(study, [base] + ([best] if best else []), run_dir)
         from .report import write_search_report

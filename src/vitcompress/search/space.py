@@ -27,12 +27,25 @@ class Budgets:
     max_size_mb: float | None = None  # bytes of the saved file / 1e6
     min_cpu_img_s: float | None = None  # measured at the study's batch size and threads
     max_acc_drop: float | None = None  # points below the baseline, on the validation split
-    runtime: str = "torch-eager-cpu"
+    # The same budgets relative to the baseline measured in the same search run: its file's bytes, and its
+    # throughput on its fastest runtime among the recipe's measure.runtimes (for a float model, its fastest
+    # float runtime); a candidate's throughput is likewise on its own fastest runtime.
+    max_size_ratio: float | None = None  # e.g. 0.15: at most 15% of the baseline's file
+    min_speedup: float | None = None  # e.g. 2.0: at least twice the baseline's images/s
 
     def __post_init__(self) -> None:
         check(self.max_size_mb is None or self.max_size_mb > 0, "budgets.max_size_mb must be > 0")
         check(self.min_cpu_img_s is None or self.min_cpu_img_s > 0, "budgets.min_cpu_img_s must be > 0")
         check(self.max_acc_drop is None or self.max_acc_drop >= 0, "budgets.max_acc_drop must be >= 0")
+        check(self.max_size_ratio is None or self.max_size_ratio > 0, "budgets.max_size_ratio must be > 0")
+        check(self.min_speedup is None or self.min_speedup > 0, "budgets.min_speedup must be > 0")
+
+    def limits(self, base: dict[str, Any]) -> tuple[float | None, float | None]:
+        """The tighter of the absolute and the relative limits: (max size in bytes, min images/s)."""
+        sizes = [v for v in (self.max_size_mb and self.max_size_mb * 1e6,
+                             self.max_size_ratio and self.max_size_ratio * base["size_bytes"]) if v]
+        speeds = [v for v in (self.min_cpu_img_s, self.min_speedup and self.min_speedup * base["cpu_img_s"]) if v]
+        return (min(sizes) if sizes else None), (max(speeds) if speeds else None)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from ..models import create_model
 from .context import StepContext
 from .recipe import Experiment, Recipe, Step
 from .results import RESULTS_FILE, append_row, load_rows
+from .retime import needs_retime, retime_rows, write_rows
 
 RUN_INFO = "run.json"
 
@@ -380,7 +381,11 @@ class Study:
             if not dist.is_main():
                 return StudyResult(self.run_dir, rows, {})
             wanted = {self.recipe.baseline.name, *(e.name for e in self.recipe.experiments)}
-            rows = [r for r in rows if r.get("name") in wanted]
+            every, rows = rows, [r for r in rows if r.get("name") in wanted]
+            if self.recipe.measure.interleave and needs_retime(rows):
+                # Updates the dicts of `rows` in place (they are also in `every`); then every row goes back.
+                retime_rows(rows, self.run_dir, self._example(), self.recipe.measure, log=self.log)
+                write_rows(self.results_path, every)
             meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
                     "dataset": self.recipe.data.name}
             report = write_report(self.run_dir, mark_pareto(rows), meta=meta)
