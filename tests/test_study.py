@@ -15,8 +15,8 @@ import yaml
 from conftest import tiny_recipe_dict
 
 from vitcompress.errors import VitcompressError
-from vitcompress.study import parse_recipe, run_study
 from vitcompress.report.table import read_results
+from vitcompress.study import parse_recipe, run_study
 from vitcompress.study.results import append_row, load_rows, repair_tail
 
 pytestmark = pytest.mark.usefixtures("needs_fmnist")
