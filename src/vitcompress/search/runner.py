@@ -16,6 +16,7 @@ budgets with its test accuracy), ``plots/search_*.png``, ``best.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -30,11 +31,20 @@ from ..errors import VitcompressError
 from ..measure import evaluate_accuracy
 from ..study.recipe import Experiment, Recipe, _parse_steps
 from ..study.results import append_row, load_rows
+from ..study.retime import needs_retime, retime_rows, write_rows
 from ..study.runner import Study, _RunLock
 from .pareto import mark_pareto
 from .space import SearchConfig, suggest_steps
 
 TRIALS_FILE = "trials.jsonl"
+
+
+@functools.cache
+def _new_constraints() -> bool:
+    """Whether this Optuna takes constraints from the trial (``Trial.set_constraint``, Optuna >= 5)."""
+    import optuna
+
+    return hasattr(optuna.trial.Trial, "set_constraint")
 
 
 class SearchStudy(Study):
@@ -90,6 +100,10 @@ def _feasible(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> bool:
 
 def _violations(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> list[float]:
     # Optuna's constraint convention: a value <= 0 means satisfied (sizes in MB, speeds in images/s).
+    same_round = (row.get("timing") or {}).get("baseline_img_s")
+    if same_round:
+        # Re-timed with the baseline: compare with the baseline's fastest runtime of the same round.
+        base = base | {"cpu_img_s": max(same_round.values())}
     max_bytes, min_img_s = budgets.limits(base)
     return [
         (row["size_bytes"] - max_bytes) / 1e6 if max_bytes is not None else -1.0,
@@ -104,11 +118,21 @@ def _sampler(cfg: SearchConfig, seed: int) -> Any:
     def constraints(trial: Any) -> list[float]:
         return trial.user_attrs.get("violations", [1.0, 1.0, 1.0])
 
+    # Optuna >= 5 reads constraints a trial sets itself (Trial.set_constraint, see the loop); older
+    # versions take a function of the finished trial.
+    kw = {} if _new_constraints() else {"constraints_func": constraints}
     if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
+        return optuna.samplers.NSGAIISampler(seed=seed, **kw)
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, multivariate=True)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, **kw)
+
+
+def _set_constraints(trial: Any, violations: list[float]) -> None:
+    trial.set_user_attr("violations", violations)
+    if _new_constraints():
+        for name, value in zip(("size", "speed", "accuracy"), violations, strict=True):
+            trial.set_constraint(name, value)
 
 
 def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int | None = None,
@@ -162,14 +186,24 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
                 continue
             row |= {"trial": trial.number, "params": trial.params}
             violations = _violations(row, cfg.budgets, base)
-            trial.set_user_attr("violations", violations)
+            _set_constraints(trial, violations)
             row["feasible"] = all(v <= 0 for v in violations)
             append_row(trials_path, row)
             opt.tell(trial, [row["top1"], row["size_bytes"] / 1e6, row["cpu_img_s"]])
             say(f"  val top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.3f} MB  "
                 f"cpu {row['cpu_img_s']:.0f} img/s  {'within' if row['feasible'] else 'outside'} budgets")
 
-        rows = [r for r in load_rows(trials_path) if r.get("trial", -1) >= 0]
+        every = load_rows(trials_path)
+        base = next(r for r in every if r.get("trial") == -1 and r.get("status") == "ok")
+        rows = [r for r in every if r.get("trial", -1) >= 0]
+        if recipe.measure.interleave and needs_retime([base, *rows]):
+            # Trials were timed one by one, minutes apart; the choice rests on speeds re-timed in rounds
+            # with the baseline (see vitcompress.study.retime), as a study's rows are.
+            retime_rows([base, *rows], run_dir, study._example(), recipe.measure, log=say)
+            for r in rows:
+                if r.get("status") == "ok":
+                    r["feasible"] = _feasible(r, cfg.budgets, base)
+            write_rows(trials_path, every)
         ok = mark_pareto([r for r in rows if r.get("status") == "ok"])
         feasible = [r for r in ok if _feasible(r, cfg.budgets, base)]
         best = max(feasible, key=lambda r: (r["top1"], -r["size_bytes"])) if feasible else None
