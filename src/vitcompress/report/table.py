@@ -356,6 +356,11 @@ def _how_measured(
     if reference is not None:
         sentences.append(f"Relative columns compare with **{_md(reference.get('name'))}**.")
         sentences.append(_speed_reference_sentence(speed_reference(reference)))
+        timings = [row.get("timing") for row in rows if is_ok(row) and not row.get("baseline")]
+        if timings and all(isinstance(t, Mapping) and t.get("baseline_img_s") for t in timings):
+            sentences.append("Speeds come from the study's speed pass: every row re-timed interleaved with the "
+                             "baseline, in groups, and each speed-up divides by the baseline's speed from the "
+                             "row's own group (`timing` in `results.jsonl`).")
     elif flagged:
         sentences.append("The baseline failed, so the relative columns are empty.")
     return " ".join(sentences)

@@ -7,12 +7,25 @@ from pathlib import Path
 from typing import Any
 
 
+def _defaults(method: str) -> dict[str, Any]:
+    from ..config import to_dict
+    from ..methods import get_method
+
+    try:
+        return to_dict(get_method(method).config_cls())
+    except Exception:  # a method whose config has required fields, or one no longer registered
+        return {}
+
+
 def _chain(row: dict[str, Any]) -> str:
+    """The row's steps as ``method(setting=value, ...)``, settings at their defaults left out."""
     steps = row.get("steps") or []
     parts = []
     for s in steps:
         if "method" in s:
-            cfg = ", ".join(f"{k}={v}" for k, v in (s.get("config") or {}).items())
+            defaults = _defaults(s["method"])
+            cfg = ", ".join(f"{k}={v}" for k, v in (s.get("config") or {}).items()
+                            if k not in defaults or defaults[k] != v)
             parts.append(f"{s['method']}({cfg})")
         else:
             parts.append(json.dumps(s))
