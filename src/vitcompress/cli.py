@@ -185,7 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if "torch" in sys.modules:  # a command that used torch may have joined a process group
+            from . import dist
+
+            dist.shutdown()
+        return code
     except VitcompressError as exc:
         if args.debug:
             raise

@@ -57,6 +57,18 @@ def init_if_launched(mixed_precision: str) -> None:
         get_accelerator(mixed_precision)
 
 
+def shutdown() -> None:
+    """Leave the process group together: a barrier, then destroy it.
+
+    A process that exits with its gloo group still alive while another is still working can
+    die in the group's C++ teardown ("terminate called without an active exception").
+    """
+    if tdist.is_available() and tdist.is_initialized():
+        if tdist.get_world_size() > 1:
+            tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def shard(n: int, block: int = 1) -> range:
     """The contiguous part of ``range(n)`` this process takes (all of it in one process).
 

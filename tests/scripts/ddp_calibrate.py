@@ -75,3 +75,4 @@ if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
     res = results(out_dir / f"work{dist.rank()}")
     torch.save(res, out_dir / f"rank{dist.rank()}.pt")
+    dist.shutdown()

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from vitcompress import dist
 from vitcompress.data import ImageTensorDataset, dataset_info
 from vitcompress.models import ModelSpec, create_model
 from vitcompress.train import TrainConfig, fit
@@ -23,3 +24,4 @@ if int(os.environ.get("RANK", 0)) == 0:
         json.dump([h["loss"] for h in res.history], f)
     with open(os.path.join(out, "world.json"), "w") as f:
         json.dump(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1, f)
+dist.shutdown()
