@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import synthetic_train_set
 from safetensors import safe_open
 from torch import nn
 
 from vitcompress.artifact import WEIGHTS_FILE, load_artifact, read_state, save_artifact, size_on_disk
 from vitcompress.config import to_dict
-from vitcompress.data import ImageTensorDataset, dataset_info
 from vitcompress.methods import get_method
 from vitcompress.methods.quant.convs import conv_names, fold_batchnorms, refold_structure
 from vitcompress.methods.quant.dynamic import DynamicQuantConfig
@@ -39,15 +39,8 @@ def _stem_model() -> nn.Module:
     return model.eval()
 
 
-def _data(n: int = 64) -> ImageTensorDataset:
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 255, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    return ImageTensorDataset(images, torch.randint(0, 10, (n,), generator=g), dataset_info("fashion-mnist"),
-                              "train", "synthetic")
-
-
 def _ctx(tmp_path) -> StepContext:
-    return StepContext(_data(), 28, 1, 10, 0, tmp_path, TrainConfig(epochs=1, mixed_precision="no"),
+    return StepContext(synthetic_train_set(64), 28, 1, 10, 0, tmp_path, TrainConfig(epochs=1, mixed_precision="no"),
                        calib_images=64, progress=False)
 
 

@@ -68,23 +68,21 @@ def _ctx(ds: ImageTensorDataset, work, steps: int = 4) -> StepContext:
     return StepContext(ds, 28, 1, 10, 0, work, train, calib_images=32, progress=False)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def _fit(spec: ModelSpec, work) -> tuple[nn.Module, ImageTensorDataset]:
     torch.manual_seed(0)
     ds = _train_set()
-    ctx = _ctx(ds, tmp_path_factory.mktemp("base"), steps=8)
-    model = ctx.fit(create_model(SPEC), epochs=2).model
-    return model, ds
+    return _ctx(ds, work, steps=8).fit(create_model(spec), epochs=2).model, ds
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _fit(SPEC, tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")
 def stem_trained(tmp_path_factory):
     """A trained model with a conv stem, so its BatchNorms hold real running statistics."""
-    torch.manual_seed(0)
-    ds = _train_set()
-    ctx = _ctx(ds, tmp_path_factory.mktemp("stem_base"), steps=8)
-    model = ctx.fit(create_model(STEM_SPEC), epochs=2).model
-    return model, ds
+    return _fit(STEM_SPEC, tmp_path_factory.mktemp("stem_base"))
 
 
 def _save(model: nn.Module, out, method: str, cfg, meta, spec: ModelSpec = SPEC) -> None:

@@ -172,6 +172,19 @@ class PowerOfTwoQuantizer(ActQuantizer):
 
 
 # ---- weights ------------------------------------------------------------------------------------------------
+def _fill_int8(mod: nn.Module, layer: nn.Linear | nn.Conv2d, w_bits: int, weight_calibrator: str):  # noqa: ANN202
+    """Give ``mod`` (a ``QuantLinear`` or ``Int8Conv2d``) the per-channel int8 weight, float16 scales and bias of
+    the float ``layer``; return it on the layer's device."""
+    q, scale = quantize_weight_per_channel(layer.weight, w_bits, weight_calibrator,  # type: ignore[arg-type]
+                                           scale_dtype=torch.float16)
+    mod.weight_int8.copy_(q)
+    mod.weight_scale.copy_(scale)
+    if layer.bias is not None:
+        assert mod.bias is not None
+        mod.bias.data.copy_(layer.bias.detach())
+    return mod.to(layer.weight.device)
+
+
 class QuantLinear(QuantModule):
     """``y = Q(x) @ (w_int · s)ᵀ + b`` with int8 ``w_int`` (per-output-channel symmetric) and uint8 ``Q(x)``.
 
@@ -192,14 +205,7 @@ class QuantLinear(QuantModule):
     def from_linear(cls, linear: nn.Linear, *, w_bits: int = 8, a_bits: int = 8,
                     weight_calibrator: str = "minmax") -> QuantLinear:
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, w_bits=w_bits, a_bits=a_bits)
-        q, scale = quantize_weight_per_channel(linear.weight, w_bits, weight_calibrator,  # type: ignore[arg-type]
-                                               scale_dtype=torch.float16)
-        mod.weight_int8.copy_(q)
-        mod.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            assert mod.bias is not None
-            mod.bias.data.copy_(linear.bias.detach())
-        return mod.to(linear.weight.device)
+        return _fill_int8(mod, linear, w_bits, weight_calibrator)
 
     @property
     def weight_numel(self) -> int:
@@ -250,17 +256,11 @@ class Int8Conv2d(nn.Module):
         mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,  # type: ignore[arg-type]
                   padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,  # type: ignore[arg-type]
                   w_bits=w_bits, **kwargs)
-        q, scale = quantize_weight_per_channel(conv.weight, w_bits, weight_calibrator,  # type: ignore[arg-type]
-                                               scale_dtype=torch.float16)
-        mod.weight_int8.copy_(q)
-        mod.weight_scale.copy_(scale)
-        if conv.bias is not None:
-            assert mod.bias is not None
-            mod.bias.data.copy_(conv.bias.detach())
-        return mod.to(conv.weight.device)
+        return _fill_int8(mod, conv, w_bits, weight_calibrator)
 
     @property
     def weight_numel(self) -> int:
+        """Weights held as int8 buffers (``vitcompress.measure.count_params`` adds them to the parameters)."""
         return self.weight_int8.numel()
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
