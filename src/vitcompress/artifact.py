@@ -39,7 +39,8 @@ def _fits_float16(t: torch.Tensor) -> bool:
     """Whether float16 holds ``t``: no overflow, and every value within 2^10 of the largest in normal range.
 
     Values far below the tensor's largest may become float16 subnormals (absolute error 3e-8),
-    which is no loss next to the tensor's own scale; a tensor whose main values would stays float32.
+    which is no loss next to the tensor's own scale; a tensor whose main values would lose precision
+    stays float32.
     """
     a = t.detach().abs().float()
     top = float(a.max()) if a.numel() else 0.0
@@ -218,7 +219,7 @@ def load_artifact(art_dir: str | os.PathLike) -> nn.Module:
     state = OrderedDict((key, _like(value, own.get(key))) for key, value in read_state(art_dir).items())
     # Module versions steer how quantized modules read their entries; they are not in the file
     # (nothing but tensors is), so take them from the freshly rebuilt structure.
-    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

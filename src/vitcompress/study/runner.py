@@ -48,7 +48,7 @@ from ..models import create_model
 from .context import StepContext
 from .recipe import Experiment, Recipe, Step
 from .results import RESULTS_FILE, append_row, load_rows
-from .retime import needs_retime, retime_rows, write_rows
+from .retime import needs_retime, primary_runtime, retime_rows, write_rows
 
 RUN_INFO = "run.json"
 
@@ -254,11 +254,9 @@ class Study:
                 "top1_agreement": float((out.argmax(-1) == reference.argmax(-1)).float().mean()),
                 **dep.info,
             }
-        ran = {k: v for k, v in per_runtime.items() if "error" not in v}
-        if not ran:
+        if all("error" in v for v in per_runtime.values()):
             raise RuntimeError(f"no runtime could run this model: {json.dumps(per_runtime)[:300]}")
-        primary = max(ran, key=lambda k: ran[k]["cpu_img_s"])
-        best = ran[primary]
+        primary, best = primary_runtime(per_runtime)
         gpu = gpu_speed(model, example, m)
         return {
             "name": exp.name, "method": exp.method, "steps": [s.to_dict() for s in exp.steps],
