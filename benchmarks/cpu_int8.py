@@ -70,6 +70,7 @@ PATHS = ("eager-fp32", "ov-fp32", "ov-bf16", "torch-dynamic-int8", "ort-dynamic-
 OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "static": ("ptq.static", {}),
     "static-attn": ("ptq.static", {"quant_attn_matmul": True}),
+    "static-qk": ("ptq.static", {"quant_attn_matmul": "qk"}),
     "fqvit": ("ptq.fqvit", {}),
 }
 NNCF = "ov-nncf-int8"

@@ -102,6 +102,22 @@ def test_static_int8_graph_runs_integer_matmuls(tmp_path):
     assert speed["cpu_img_s"] > 0
 
 
+def test_static_qk_attention_exports_signed_int8_scores(tmp_path):
+    _, q = _quantize("ptq.static", StaticQuantConfig(quant_attn_matmul="qk"), tmp_path)
+    x = _batch(_dataset(), 32)
+    path = export_onnx(q, x[:16], tmp_path / "qk.onnx")
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    zps = [inits[n.input[2]].dtype for n in graph.node if n.op_type == "QuantizeLinear"]
+    n_layers = sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in q.modules())
+    # Each layer's input is uint8; the queries and keys of the 2 blocks are int8 (symmetric, zero point 0).
+    assert sorted(map(str, zps)) == ["int8"] * 4 + ["uint8"] * n_layers
+    assert not any(inits[n.input[2]].any() for n in graph.node
+                   if n.op_type == "QuantizeLinear" and inits[n.input[2]].dtype == np.int8)
+    par = parity(q, OnnxRunner(path, threads=1), x)
+    assert par["top1_agreement"] >= 0.99 and par["cosine"] >= 0.999
+
+
 def test_fqvit_graph_parity_and_float_parts(tmp_path):
     _, q = _quantize("ptq.fqvit", FQViTConfig(), tmp_path)
     x = _batch(_dataset(), 64)

@@ -224,6 +224,47 @@ def test_static_calibrators_and_attention_matmuls(tmp_path, calibrator):
     assert from_dict(StaticQuantConfig, to_dict(cfg), "t") == cfg
 
 
+def test_signed_act_quantizer_is_symmetric():
+    from vitcompress.methods.quant.qmodules import ActQuantizer
+
+    q = ActQuantizer(8, signed=True)
+    assert (q.qmin, q.qmax) == (-128, 127)
+    q.begin_calibration(make_observer("minmax"))
+    q(torch.tensor([-3.0, 0.5, 2.0]))
+    q.end_calibration()
+    assert int(q.zero_point) == 0 and math.isclose(float(q.scale), 3.0 / 127, rel_tol=1e-6)
+    x = torch.linspace(-4, 4, 101)
+    codes = torch.round(q(x) / q.scale)
+    assert int(codes.min()) == -128 and int(codes.max()) == 127  # clipped to the int8 range
+    assert torch.allclose(q(torch.tensor([-3.0, 3.0])), torch.tensor([-3.0, 3.0]))  # the range's ends are exact
+
+
+def test_static_qk_attention_quantizes_scores_only_and_restores(tmp_path):
+    spec = ModelSpec("vitc_micro")
+    torch.manual_seed(0)
+    model = create_model(spec).eval()
+    ds = _synthetic()
+    cfg = StaticQuantConfig(quant_attn_matmul="qk")
+    out = get_method("ptq.static").apply(model, cfg, _ctx(ds, tmp_path / "w"))
+    q = out.model
+    attns = [m for m in q.modules() if isinstance(m, QuantAttention)]
+    assert len(attns) == 2 and out.meta["attn_qk_only"]
+    for a in attns:
+        assert a.qk_only and a.q_quant.signed and a.k_quant.signed
+        assert int(a.q_quant.zero_point) == 0 and int(a.k_quant.zero_point) == 0
+        assert isinstance(a.softmax_quant, nn.Softmax) and isinstance(a.v_quant, nn.Identity)
+    x = next(iter(make_loader(ds, 32, train=False, img_size=28, in_chans=1)))[0]
+    plain = get_method("ptq.static").apply(model, StaticQuantConfig(), _ctx(ds, tmp_path / "p")).model
+    with torch.no_grad():
+        # 8-bit queries and keys cost little next to the Linear layers' own quantization.
+        assert _snr_db(model(x), q(x)) > _snr_db(model(x), plain(x)) - 3.0
+    with pytest.raises(VitcompressError):
+        from_dict(StaticQuantConfig, {"quant_attn_matmul": "v"}, "t")
+    _save(q, tmp_path / "a", spec, "ptq.static", cfg, out.meta)
+    with torch.no_grad():
+        assert torch.equal(load_artifact(tmp_path / "a")(x), q(x))
+
+
 # ---- ptq.fqvit ---------------------------------------------------------------------------------------------------
 def test_fqvit_bits_and_config():
     assert parse_bits("w8a8att4") == (8, 8, 4)

@@ -97,14 +97,18 @@ class ActQuantizer(QuantModule):
     During calibration an :class:`Observer` is attached and the input passes
     through unchanged (calibration sees the float model, as in FQ-ViT).
     ``fixed_scale`` pins the scale (zero point 0), e.g. softmax outputs in [0, 1].
+    ``signed``: symmetric int8 instead, ``x_q = clip(round(x / s), −2^(b−1), 2^(b−1) − 1)`` with
+    ``s = max(|lo|, |hi|) / (2^(b−1) − 1)`` over the calibrator's clip range; for operands that are
+    centred on zero (attention queries and keys), where OpenVINO's int8 attention kernel wants them.
     """
 
-    def __init__(self, bits: int = 8, fixed_scale: float | None = None) -> None:
+    def __init__(self, bits: int = 8, fixed_scale: float | None = None, signed: bool = False) -> None:
         super().__init__()
         if not 2 <= bits <= 8:
-            raise VitcompressError(f"activation bits must be in 2..8 (uint8 storage), got {bits}")
+            raise VitcompressError(f"activation bits must be in 2..8 (8-bit storage), got {bits}")
         self.bits = bits
-        self.qmin, self.qmax = 0, 2**bits - 1
+        self.signed = signed
+        self.qmin, self.qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         self.fixed = fixed_scale is not None
         self.register_buffer("scale", torch.tensor(fixed_scale if fixed_scale is not None else 1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
@@ -118,7 +122,11 @@ class ActQuantizer(QuantModule):
         if self.observer is None:
             return
         assert isinstance(self.observer, Observer)
-        scale, zp = self.observer.qparams(self.qmin, self.qmax)
+        if self.signed:
+            lo, hi = self.observer.clip_range(self.qmin, self.qmax)
+            scale, zp = max(abs(lo), abs(hi), 1e-8) / self.qmax, 0
+        else:
+            scale, zp = self.observer.qparams(self.qmin, self.qmax)
         self.scale.fill_(scale)
         self.zero_point.fill_(zp)
         self.observer = None
@@ -130,7 +138,8 @@ class ActQuantizer(QuantModule):
         return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
+        sign = ", signed" if self.signed else ""
+        return f"bits={self.bits}{sign}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
 
 
 class PowerOfTwoQuantizer(ActQuantizer):
@@ -422,11 +431,17 @@ class UniformSoftmax(QuantModule):
 class QuantAttention(Attention, QuantModule):
     """timm ``Attention`` with quantized inputs to both attention matmuls and a quantized softmax.
 
+    ``qk_only``: only ``Q·Kᵀ`` gets quantized inputs, signed and symmetric (zero point 0); the softmax
+    and ``softmax·V`` stay float. That is the form OpenVINO's CPU plugin fuses into an int8 attention
+    kernel (it is what NNCF produces for transformers), and it keeps the probabilities exact: a uint8
+    softmax with scale 1/255 rounds most of a 197-token row's probabilities (≈ 0.005) to 0 or 1/255.
+
     Built from an existing instance and sharing its submodules (same weights):
     ``Attention.__init__`` is skipped on purpose, it would allocate fresh layers.
     """
 
-    def __init__(self, attn: Attention, *, a_bits: int = 8, att_bits: int = 8, lis: bool = False) -> None:
+    def __init__(self, attn: Attention, *, a_bits: int = 8, att_bits: int = 8, lis: bool = False,
+                 qk_only: bool = False) -> None:
         nn.Module.__init__(self)
         for name in ("num_heads", "head_dim", "scale"):
             setattr(self, name, getattr(attn, name))
@@ -435,11 +450,14 @@ class QuantAttention(Attention, QuantModule):
         self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
         self.attn_drop, self.norm, self.proj, self.proj_drop = attn.attn_drop, attn.norm, attn.proj, attn.proj_drop
         self.gate = getattr(attn, "gate", None)
-        self.lis = lis
-        self.q_quant = ActQuantizer(a_bits)
-        self.k_quant = ActQuantizer(a_bits)
-        self.v_quant = ActQuantizer(a_bits)
-        self.softmax_quant: nn.Module = LogIntSoftmax(att_bits, a_bits) if lis else UniformSoftmax(att_bits)
+        if lis and qk_only:
+            raise VitcompressError("Log-Int-Softmax quantizes the softmax; it cannot be combined with qk_only")
+        self.lis, self.qk_only = lis, qk_only
+        self.q_quant = ActQuantizer(a_bits, signed=qk_only)
+        self.k_quant = ActQuantizer(a_bits, signed=qk_only)
+        self.v_quant: nn.Module = nn.Identity() if qk_only else ActQuantizer(a_bits)
+        self.softmax_quant: nn.Module = (nn.Softmax(dim=-1) if qk_only else
+                                         LogIntSoftmax(att_bits, a_bits) if lis else UniformSoftmax(att_bits))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -452,8 +470,15 @@ class QuantAttention(Attention, QuantModule):
         q, k = self.q_norm(q), self.k_norm(k)
         # Quantize right at the matmul inputs (after scaling and transposing) so that in ONNX each
         # DequantizeLinear feeds the MatMul directly.
-        q = self.q_quant(q * self.scale)
-        k_t = self.k_quant(k.transpose(-2, -1))  # (B, heads, head_dim, N)
+        if self.qk_only:
+            # K is quantized before its transpose, so that the transpose lies between the quantizer and the
+            # matmul, where OpenVINO takes it into its fused int8 attention kernel (quantized after it,
+            # OpenVINO moves the quantizer up anyway and leaves a slow int8 transpose outside the kernel).
+            q = self.q_quant(q * self.scale)
+            k_t = self.k_quant(k).transpose(-2, -1)  # (B, heads, head_dim, N)
+        else:
+            q = self.q_quant(q * self.scale)
+            k_t = self.k_quant(k.transpose(-2, -1))  # (B, heads, head_dim, N)
         attn = q @ k_t  # (B, heads, N, N)
         attn = self.attn_drop(self.softmax_quant(attn))
         x = attn @ self.v_quant(v)  # (B, heads, N, head_dim)

@@ -10,8 +10,10 @@ Activations: per-tensor *asymmetric uint8* at the input of every Linear,
 seeded slice of the training split. Unsigned with a zero point because half the
 Linear inputs (after GELU) are nearly all positive, and because uint8 × int8 is
 the operand pair ONNX Runtime's x86 integer kernels (VPDPBUSD) take natively.
-Optionally (``quant_attn_matmul``) both attention matmuls get quantized inputs too
-and the softmax output is quantized uniformly (8 bit).
+Optionally (``quant_attn_matmul: true``) both attention matmuls get quantized inputs too
+and the softmax output is quantized uniformly (8 bit); ``quant_attn_matmul: qk`` quantizes
+the inputs of ``Q·Kᵀ`` only, symmetric int8, which OpenVINO runs in its int8 attention
+kernel while the softmax and ``softmax·V`` stay float (see :class:`.qmodules.QuantAttention`).
 
 In PyTorch the model is a float simulation (:mod:`.qmodules`); its integer
 deployment is the ONNX export (:mod:`vitcompress.export.onnx`), where
@@ -55,7 +57,7 @@ class StaticQuantConfig:
     percentile: float = 99.99  # used by calibrator: percentile
     weight_calibrator: Literal["minmax", "omse"] = "minmax"
     calib_images: int | None = None  # None: the recipe's data.calib_images
-    quant_attn_matmul: bool = False
+    quant_attn_matmul: bool | Literal["qk"] = False  # true: both attention matmuls; "qk": Q·Kᵀ only
     skip_head: bool = False  # keep the classifier head float
     convs: bool = True  # also the patch embedding / conv stem (BatchNorm folded first); false: Linear layers only
 
@@ -104,8 +106,9 @@ def quantize_structure(model: nn.Module, meta: dict[str, Any], *, w_bits: int, a
 
     ``meta["folded_bn"]`` (conv + BatchNorm pairs, see :mod:`.convs`) must already be folded.
     """
+    qk_only = bool(meta.get("attn_qk_only", False))
     swap_modules(model, meta.get("attentions", []),
-                 lambda m: QuantAttention(m, a_bits=a_bits, att_bits=att_bits, lis=lis), Attention)
+                 lambda m: QuantAttention(m, a_bits=a_bits, att_bits=att_bits, lis=lis, qk_only=qk_only), Attention)
     swap_modules(model, meta.get("layernorms", []),
                  lambda m: PowerOfTwoLayerNorm.from_layernorm(m, bits=a_bits, ptf=ptf, k=ptf_k), nn.LayerNorm)
     swap_modules(model, meta.get("linears", []),
@@ -188,7 +191,8 @@ def _meta(model: nn.Module, cfg: StaticQuantConfig) -> dict[str, Any]:
     """Folds the model's BatchNorms (when its convs are quantized) and names what gets quantized."""
     return fold_for_quantization(model, cfg.convs) | {
         "linears": linear_names(model, cfg.skip_head),
-        "attentions": attention_names(model) if cfg.quant_attn_matmul else []}
+        "attentions": attention_names(model) if cfg.quant_attn_matmul else [],
+        "attn_qk_only": cfg.quant_attn_matmul == "qk"}
 
 
 def _restore(model: nn.Module, cfg: StaticQuantConfig, meta: dict[str, Any]) -> nn.Module:
