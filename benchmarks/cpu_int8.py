@@ -234,7 +234,8 @@ def _ours(model: nn.Module, variant: str, ctx: StepContext, example: torch.Tenso
     out.append(Deployment(f"{path} {variant} onnxruntime", path, "onnxruntime-cpu", runner, int_ok, variant, flops,
                           info))
     if installed("openvino"):  # without OpenVINO, ours runs in ONNX Runtime only
-        fn, runtime, int_ok, info = _ov(onnx_path, threads)
+        ov_path = export_onnx(q, example[:2], work / f"{path}-{variant}-openvino.onnx", target="openvino")
+        fn, runtime, int_ok, info = _ov(ov_path, threads)
         out.append(Deployment(f"{path} {variant} openvino", path, runtime, fn, int_ok, variant, flops, info))
     return out
 

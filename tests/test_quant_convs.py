@@ -160,3 +160,37 @@ def test_float16_storage_halves_float_tensors_and_loads_as_float32(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0.05, rtol=0.01)
         assert not torch.equal(loaded(x), model(x))  # the file's rounding is in the loaded model
+
+
+def test_openvino_export_pads_quantized_convs_before_their_quantizer(tmp_path):
+    import importlib.util
+
+    import onnx
+
+    from vitcompress.export.onnx import OnnxRunner, export_onnx, optimized_op_counts
+    from vitcompress.measure.runtimes import as_module, deploy_openvino
+
+    q = get_method("ptq.static").apply(_stem_model(), StaticQuantConfig(), _ctx(tmp_path / "w")).model
+    convs = [m for m in q.patch_embed.proj.layers if isinstance(m, QuantConv2d)]
+    x = _x()
+    with torch.no_grad():  # padding first is the same arithmetic as the conv's own
+        ref = q(x)
+        for m in convs:
+            m.pad_first = True
+        assert torch.allclose(q(x), ref, atol=1e-5)
+        for m in convs:
+            m.pad_first = False
+    plain = export_onnx(q, x, tmp_path / "any.onnx")
+    ov = export_onnx(q, x, tmp_path / "ov.onnx", target="openvino")
+    assert not any(m.pad_first for m in convs)  # the export leaves the model as it was
+    n_pads = {p: sum(n.op_type == "Pad" for n in onnx.load(str(p)).graph.node) for p in (plain, ov)}
+    assert n_pads == {plain: 0, ov: 3}  # the three 3x3 convs; the 1x1 pads nothing
+    assert optimized_op_counts(plain).get("com.microsoft.QLinearConv") == 3
+    runners = [OnnxRunner(plain, threads=1), OnnxRunner(ov, threads=1)]
+    if importlib.util.find_spec("openvino") is not None:
+        runners.append(as_module(deploy_openvino(ov, 1)))
+    with torch.no_grad():
+        for runner in runners:
+            got = runner(x).float()
+            assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.999
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))

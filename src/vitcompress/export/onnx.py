@@ -89,14 +89,19 @@ def _translation_table() -> dict[Any, Any]:
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = 18) -> Path:
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int = 18,
+                target: str = "any") -> Path:
     """Write ``model`` as ONNX to ``path`` (batch dimension dynamic) and return the path.
 
     ``opset`` defaults to 18, the lowest the PyTorch exporter implements (a lower one is a lossy
     down-conversion). The file's metadata ``vitcompress.float_parts`` lists what runs in float.
+    ``target="openvino"``: quantized padded convs pad before their input quantizer (see
+    ``QuantConv2d.forward``), which OpenVINO needs and which costs ONNX Runtime its QLinearConv fusion.
     """
-    from torch.export import Dim
+    from ..methods.quant.qmodules import QuantConv2d
 
+    if target not in ("any", "openvino"):
+        raise ValueError(f"unknown export target {target!r}; choose any or openvino")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu().eval()
@@ -104,6 +109,24 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     if example.shape[0] < 2:
         # A batch of 1 would be specialized away by the tracer; the graph must take any batch.
         example = example.repeat(2, *([1] * (example.dim() - 1)))
+    convs = [m for m in model.modules() if isinstance(m, QuantConv2d)]
+    for m in convs:
+        m.pad_first = target == "openvino"
+    try:
+        program = _export_program(model, example, opset)
+    finally:
+        for m in convs:
+            m.pad_first = False
+    program.model.metadata_props[FLOAT_PARTS_KEY] = json.dumps(float_parts(model))
+    tmp = path.with_name(path.name + ".tmp")
+    program.save(str(tmp), external_data=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _export_program(model: nn.Module, example: torch.Tensor, opset: int) -> Any:
+    from torch.export import Dim
+
     with torch.no_grad():
         try:
             program = torch.onnx.export(
@@ -115,11 +138,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
             raise VitcompressError(f"ONNX export of {type(model).__name__} failed ({type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0][:200]})") from exc
     assert program is not None
-    program.model.metadata_props[FLOAT_PARTS_KEY] = json.dumps(float_parts(model))
-    tmp = path.with_name(path.name + ".tmp")
-    program.save(str(tmp), external_data=False)
-    os.replace(tmp, path)
-    return path
+    return program
 
 
 def float_parts(model: nn.Module) -> list[str]:

@@ -90,16 +90,16 @@ def deploy(runtime: str, model: nn.Module, example: torch.Tensor, threads: int, 
     if runtime == "torch-compile":
         compiled = torch.compile(model, dynamic=True)
         return Deployed("torch-compile-cpu", compiled, uses_integer_kernels(model))
-    onnx_path = _export(model, example, work_dir)
     if runtime == "onnxruntime":
         from ..export.onnx import OnnxRunner, deployment_info
 
+        onnx_path = _export(model, example, work_dir)
         info = deployment_info(model, onnx_path)
         return Deployed("onnxruntime-cpu", OnnxRunner(onnx_path, threads), info["int_arithmetic"],
                         info["float_parts"] if info["int_arithmetic"] else None,
                         {"integer_ops": info["integer_ops"]})
     if runtime == "openvino":
-        return deploy_openvino(onnx_path, threads)
+        return deploy_openvino(_export(model, example, work_dir / "openvino", target="openvino"), threads)
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(CHOICES)}")
 
 
@@ -128,14 +128,14 @@ def _deploy_cuda(runtime: str, model: nn.Module) -> Deployed:
     return Deployed(f"{runtime}-cuda", fn, False, device="cuda")
 
 
-def _export(model: nn.Module, example: torch.Tensor, work_dir: Path) -> Path:
+def _export(model: nn.Module, example: torch.Tensor, work_dir: Path, target: str = "any") -> Path:
     from ..export.onnx import export_onnx
 
     path = work_dir / "model.onnx"
     if not path.exists():
         work_dir.mkdir(parents=True, exist_ok=True)
         tmp = work_dir / "model.tmp.onnx"
-        export_onnx(model, example[:2], tmp)
+        export_onnx(model, example[:2], tmp, target=target)
         tmp.replace(path)
     return path
 
