@@ -273,3 +273,42 @@ def test_cpu_int8_benchmark_smoke(tmp_path: Path) -> None:
         nncf = next(r for r in rows if r["path"] == "ov-nncf-int8")
         assert nncf["x_nncf"] == pytest.approx(1.0)
         assert all(r["x_nncf"] == pytest.approx(r["img_s"] / nncf["img_s"]) for r in rows)
+
+
+# ---- vitcompress export ---------------------------------------------------------------------------------------
+def test_export_writes_onnx_and_openvino_ir_with_parity(static_artifact: Path, tmp_path: Path, capsys) -> None:
+    formats = "onnx,openvino" if HAS_OPENVINO else "onnx"
+    out = tmp_path / "export"
+    assert main(["export", str(static_artifact), "--out", str(out), "--formats", formats, "--images", "32",
+                 "--threads", "1"]) == 0
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["inputs"] == "32 seeded random images (seed 0)"
+    entries = {e["format"]: e for e in summary["exports"]}
+    assert set(entries) == set(formats.split(","))
+    onnx_entry = entries["onnx"]
+    assert onnx_entry["files"] == [str(out / "model.onnx")] and onnx_entry["bytes"] == (out / "model.onnx").stat().st_size
+    # the file keeps our int8 weights, and ONNX Runtime follows PyTorch on it
+    assert_int8_initializers_are_ours(out / "model.onnx", load_artifact(static_artifact))
+    assert onnx_entry["top1_agreement"] == 1.0 and onnx_entry["cosine"] > 0.999
+    if HAS_OPENVINO:
+        ir = entries["openvino"]
+        assert (out / "model.xml").is_file() and (out / "model.bin").is_file()
+        assert ir["bytes"] == (out / "model.xml").stat().st_size + (out / "model.bin").stat().st_size
+        assert ir["runtime"].startswith("openvino-cpu") and ir["top1_agreement"] >= 0.95 and ir["cosine"] > 0.99
+    assert "parity against PyTorch eager" in capsys.readouterr().out
+
+
+def test_export_rejects_bad_input_in_one_line(static_artifact: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", str(static_artifact), "--out", str(tmp_path), "--formats", "tflite"]) == 2
+    assert main(["export", str(static_artifact), "--out", str(tmp_path), "--images", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--formats takes" in err[0] and "--images must be at least 1" in err[1]
+
+
+@pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST not installed (apt install dataset-fashion-mnist)")
+def test_export_parity_on_dataset_images(static_artifact: Path, tmp_path: Path) -> None:
+    assert main(["export", str(static_artifact), "--out", str(tmp_path), "--formats", "onnx", "--data",
+                 "fashion-mnist", "--images", "20", "--threads", "1"]) == 0
+    summary = json.loads((tmp_path / "export.json").read_text())
+    assert summary["inputs"] == "the first 20 fashion-mnist test images"

@@ -117,6 +117,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .export.files import export_files, parity_images, parse_formats, write_summary
+    from .measure.bench import load_target
+
+    formats = parse_formats(args.formats)
+    target = load_target(args.target, checkpoint=args.checkpoint, img_size=args.img_size, in_chans=args.in_chans,
+                         num_classes=args.num_classes)
+    images, described = parity_images(target.img_size, target.in_chans, args.images, args.data, args.data_root)
+    entries = export_files(target.model, args.out, formats, images, threads=args.threads)
+    path = write_summary(args.out, {"target": target.source, "model": target.label, "inputs": described,
+                                    "exports": entries})
+    table = Table(title=f"vitcompress export: {target.label}", caption=f"parity against PyTorch eager on {described}")
+    for col in ("Format", "Files", "MB", "Runtime", "Top-1 agree", "max |Δlogit|", "Cosine"):
+        table.add_column(col, justify="right" if col not in ("Format", "Files", "Runtime") else "left")
+    for e in entries:
+        table.add_row(e["format"], ", ".join(Path(f).name for f in e["files"]), f"{e['bytes'] / 1e6:.2f}",
+                      e["runtime"], f"{e['top1_agreement']:.3f}", f"{e['max_abs_logit_err']:.2e}",
+                      f"{e['cosine']:.5f}")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    print(f"json: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitcompress", description="Compress Vision Transformers and measure the result.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and stop at the first failed experiment")
@@ -169,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="OUT", help="also write the full result as JSON to OUT")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_bench)
+
+    e = sub.add_parser("export", help="write an artifact or a timm model as ONNX and OpenVINO IR, checked against "
+                                      "PyTorch")
+    e.add_argument("target", help="artifact folder (run_dir/artifacts/<key>) or timm model name")
+    e.add_argument("--out", required=True, help="folder for the files and export.json")
+    e.add_argument("--formats", default="onnx,openvino", help="comma-separated: onnx, openvino (default both)")
+    e.add_argument("--data", default=None, help="dataset whose first test images check parity (default: seeded "
+                                                "random images)")
+    e.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    e.add_argument("--images", type=int, default=256, help="images for the parity check (default 256)")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core available)")
+    e.add_argument("--checkpoint", default=None, help="weights for a timm model name (.safetensors or .pth)")
+    e.add_argument("--img-size", type=int, default=None, help="input size for a timm model name (default: its own)")
+    e.add_argument("--in-chans", type=int, default=None, help="input channels for a timm model name")
+    e.add_argument("--num-classes", type=int, default=None, help="classes for a timm model name")
+    e.set_defaults(func=_cmd_export)
 
     v = sub.add_parser("validate", help="check recipes without running them")
     v.add_argument("recipes", nargs="+")
