@@ -90,6 +90,10 @@ def deploy(runtime: str, model: nn.Module, example: torch.Tensor, threads: int, 
     if runtime == "torch-compile":
         compiled = torch.compile(model, dynamic=True)
         return Deployed("torch-compile-cpu", compiled, uses_integer_kernels(model))
+    if runtime in ("onnxruntime", "openvino") and uses_integer_kernels(model):
+        # Said plainly instead of the exporter's own error, which names neither cause nor way out.
+        raise RuntimeError("PyTorch's int8 modules (ptq.dynamic) have no ONNX export; they run in torch-eager. "
+                           "For ONNX Runtime or OpenVINO quantize with ptq.static")
     if runtime == "onnxruntime":
         from ..export.onnx import OnnxRunner, deployment_info
 
