@@ -116,6 +116,7 @@ def test_static_qk_attention_exports_signed_int8_scores(tmp_path):
                    if n.op_type == "QuantizeLinear" and inits[n.input[2]].dtype == np.int8)
     par = parity(q, OnnxRunner(path, threads=1), x)
     assert par["top1_agreement"] >= 0.99 and par["cosine"] >= 0.999
+    assert "attn·V (only q·kᵀ has quantized inputs)" in float_parts(q)
 
 
 def test_fqvit_graph_parity_and_float_parts(tmp_path):

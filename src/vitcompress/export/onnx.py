@@ -179,6 +179,8 @@ def float_parts(model: nn.Module) -> list[str]:
         parts.append("attn·V with 2^−q probabilities (float MatMul; shifts on integer hardware)")
     elif any(isinstance(m, QuantAttention) for m in mods):
         parts.append("softmax")
+        if any(isinstance(m, QuantAttention) and m.qk_only for m in mods):
+            parts.append("attn·V (only q·kᵀ has quantized inputs)")
     parts.append("GELU")
     parts.append("residual and bias adds")
     return parts
