@@ -58,6 +58,10 @@ def test_float_model_parity(tmp_path):
     model = create_model(ModelSpec("vitc_micro")).eval()
     x = _batch(_dataset(), 16)
     path = export_onnx(model, x, tmp_path / "f.onnx")
+    # The exporter's per-node PyTorch provenance is dropped; the model-level float_parts stays.
+    saved = onnx.load(str(path))
+    assert not any(n.metadata_props for n in saved.graph.node)
+    assert FLOAT_PARTS_KEY in {p.key for p in saved.metadata_props}
     runner = OnnxRunner(path, threads=1)
     with torch.no_grad():
         for n in (1, 5, 16):  # the batch dimension is dynamic
