@@ -63,12 +63,13 @@ def _batched(fn: Any, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
 def export_files(model: torch.nn.Module, out_dir: str | os.PathLike, formats: tuple[str, ...], images: torch.Tensor,
                  *, threads: int | None = None) -> list[dict[str, Any]]:
     """Write ``model`` in each format under ``out_dir``; one entry per format with its files, bytes and parity."""
-    from ..export.onnx import OnnxRunner, export_onnx
+    from ..measure import available_cores
     from ..measure.bench import logit_parity
+    from .onnx import OnnxRunner, export_onnx
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or available_cores()
     model = model.cpu().eval()
     with torch.inference_mode():
         reference = _batched(model, images)
@@ -94,8 +95,8 @@ def _openvino_ir(model: torch.nn.Module, example: torch.Tensor, out: Path, threa
         import openvino as ov
     except ImportError:
         raise VitcompressError("the openvino format needs OpenVINO: pip install 'vitcompress[openvino]'") from None
-    from ..export.onnx import export_onnx
     from ..measure.runtimes import deploy_openvino
+    from .onnx import export_onnx
 
     xml = out / "model.xml"
     with tempfile.TemporaryDirectory(prefix="vitcompress-export-") as tmp:

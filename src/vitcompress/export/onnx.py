@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import VitcompressError
@@ -301,10 +300,6 @@ def parity(model: nn.Module, session: OnnxRunner | Any, x: torch.Tensor) -> dict
         name = session.get_inputs()[0].name
         raw = session
         session = lambda t: torch.from_numpy(raw.run(None, {name: t.numpy()})[0])  # noqa: E731
-    ref = model.cpu().eval()(x.cpu().float())
-    out = session(x.cpu().float())
-    return {
-        "top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).float().mean()),
-        "max_abs_logit_err": float((ref - out).abs().max()),
-        "cosine": float(F.cosine_similarity(ref, out, dim=-1).mean()),
-    }
+    from ..measure.bench import logit_parity
+
+    return logit_parity(model.cpu().eval()(x.cpu().float()), session(x.cpu().float()))

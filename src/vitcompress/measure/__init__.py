@@ -56,7 +56,12 @@ class MeasureConfig:
               f"choose from {', '.join(CHOICES)}")
 
     def resolved_threads(self) -> int:
-        return self.threads or len(os.sched_getaffinity(0))
+        return self.threads or available_cores()
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
 
 
 class _Threads:
@@ -217,7 +222,7 @@ def environment(threads: int) -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cores_available": len(os.sched_getaffinity(0)),
+        "cores_available": available_cores(),
         "threads": threads,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),

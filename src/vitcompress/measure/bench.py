@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import check
 from ..errors import VitcompressError
-from . import _percentile, _repeat_to, _Threads, _time_calls
+from . import _percentile, _repeat_to, _Threads, _time_calls, available_cores
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -66,7 +66,7 @@ class BenchConfig:
         check(self.device in ("cpu", "cuda", "auto"), f"bench: device must be cpu, cuda or auto, got {self.device!r}")
 
     def resolved_threads(self) -> int:
-        return self.threads or len(os.sched_getaffinity(0))
+        return self.threads or available_cores()
 
 
 @dataclass

@@ -34,6 +34,7 @@ from ..study.results import append_row, load_rows
 from ..study.retime import needs_retime, retime_rows, write_rows
 from ..study.runner import Study, _RunLock
 from .pareto import mark_pareto
+from .report import reference_img_s
 from .space import SearchConfig, suggest_steps
 
 TRIALS_FILE = "trials.jsonl"
@@ -100,10 +101,7 @@ def _feasible(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> bool:
 
 def _violations(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> list[float]:
     # Optuna's constraint convention: a value <= 0 means satisfied (sizes in MB, speeds in images/s).
-    same_round = (row.get("timing") or {}).get("baseline_img_s")
-    if same_round:
-        # Re-timed with the baseline: compare with the baseline's fastest runtime of the same round.
-        base = base | {"cpu_img_s": max(same_round.values())}
+    base = base | {"cpu_img_s": reference_img_s(row, base)}
     max_bytes, min_img_s = budgets.limits(base)
     return [
         (row["size_bytes"] - max_bytes) / 1e6 if max_bytes is not None else -1.0,

@@ -480,16 +480,12 @@ class QuantAttention(Attention, QuantModule):
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         # Quantize right at the matmul inputs (after scaling and transposing) so that in ONNX each
-        # DequantizeLinear feeds the MatMul directly.
-        if self.qk_only:
-            # K is quantized before its transpose, so that the transpose lies between the quantizer and the
-            # matmul, where OpenVINO takes it into its fused int8 attention kernel (quantized after it,
-            # OpenVINO moves the quantizer up anyway and leaves a slow int8 transpose outside the kernel).
-            q = self.q_quant(q * self.scale)
-            k_t = self.k_quant(k).transpose(-2, -1)  # (B, heads, head_dim, N)
-        else:
-            q = self.q_quant(q * self.scale)
-            k_t = self.k_quant(k.transpose(-2, -1))  # (B, heads, head_dim, N)
+        # DequantizeLinear feeds the MatMul directly. With qk_only K is quantized before its transpose, so
+        # that the transpose lies between the quantizer and the matmul, where OpenVINO takes it into its
+        # fused int8 attention kernel (quantized after it, OpenVINO moves the quantizer up anyway and
+        # leaves a slow int8 transpose outside the kernel).
+        q = self.q_quant(q * self.scale)
+        k_t = self.k_quant(k).transpose(-2, -1) if self.qk_only else self.k_quant(k.transpose(-2, -1))
         attn = q @ k_t  # (B, heads, N, N)
         attn = self.attn_drop(self.softmax_quant(attn))
         x = attn @ self.v_quant(v)  # (B, heads, N, head_dim)
