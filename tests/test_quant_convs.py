@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import synthetic_train_set
-from safetensors import safe_open
 from torch import nn
 
-from vitcompress.artifact import WEIGHTS_FILE, load_artifact, read_state, save_artifact, size_on_disk
+from vitcompress.artifact import load_artifact, read_state, save_artifact, size_on_disk, stored_tensors
 from vitcompress.config import to_dict
 from vitcompress.methods import get_method
 from vitcompress.methods.quant.convs import conv_names, fold_batchnorms, refold_structure
@@ -54,8 +53,9 @@ def _save(model, out, method, cfg, meta, float16=True) -> None:
 
 
 def _dtypes(art) -> dict[str, str]:
-    with safe_open(str(art / WEIGHTS_FILE), framework="pt") as f:
-        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    names = {torch.int8: "I8", torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32",
+             torch.float64: "F64", torch.int32: "I32", torch.int64: "I64"}
+    return {k: names[t.dtype] for k, t in stored_tensors(art).items()}
 
 
 def test_batchnorm_folding_keeps_the_function_and_restores_the_structure():

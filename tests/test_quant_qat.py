@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from conftest import synthetic_train_set
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
 from torch import nn
 
-from vitcompress.artifact import WEIGHTS_FILE, load_artifact, save_artifact, size_on_disk
+from vitcompress.artifact import WEIGHTS_FILE, load_artifact, save_artifact, size_on_disk, stored_tensors
 from vitcompress.config import to_dict
 from vitcompress.data import ImageTensorDataset
 from vitcompress.measure import count_params
@@ -96,8 +95,7 @@ def _weights(layer: dict) -> int:
 
 
 def _file_entries(path) -> dict[str, tuple[torch.dtype, int]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: (f.get_tensor(k).dtype, f.get_tensor(k).numel()) for k in f.keys()}
+    return {k: (t.dtype, t.numel()) for k, t in stored_tensors(path.parent).items()}
 
 
 def _header_bytes(path) -> int:

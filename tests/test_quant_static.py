@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from vitcompress.artifact import WEIGHTS_FILE, load_artifact, save_artifact, size_on_disk
+from vitcompress.artifact import load_artifact, save_artifact, size_on_disk, stored_tensors
 from vitcompress.config import from_dict, to_dict
 from vitcompress.data import ImageTensorDataset, dataset_info, load_split, make_loader
 from vitcompress.errors import VitcompressError
@@ -194,11 +193,10 @@ def test_static_file_holds_int8_weights_and_restores(tmp_path):
     assert count_params(q) == count_params(model)  # int8 weights count as parameters too
     _save(model, tmp_path / "fp32", spec)
     _save(q, tmp_path / "int8", spec, "ptq.static", cfg, out.meta)
-    with safe_open(str(tmp_path / "int8" / WEIGHTS_FILE), framework="pt") as f:
-        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    dtypes = {k: t.dtype for k, t in stored_tensors(tmp_path / "int8").items()}
     int_keys = [k for k in dtypes if k.endswith("weight_int8")]
     # every Linear and the patch projection (Conv2d)
-    assert len(int_keys) == n_linear + 1 and all(dtypes[k] == "I8" for k in int_keys)
+    assert len(int_keys) == n_linear + 1 and all(dtypes[k] == torch.int8 for k in int_keys)
     assert size_on_disk(tmp_path / "int8") <= 0.30 * size_on_disk(tmp_path / "fp32")
 
     x = next(iter(make_loader(ds, 16, train=False, img_size=28, in_chans=1)))[0]

@@ -9,12 +9,23 @@ to float32 when read; the study measures the model read back from the file, so
 the rounding is in every reported number. Nothing is pickled: loading rebuilds
 the module structure from ``meta.json`` (the model spec and each method step's
 ``restore``) and fills it with plain tensors, so an artifact cannot run code.
+
+The weights file is a valid safetensors file with one 1-D tensor per storage
+dtype (``I8``, ``F16``, ...): the model's tensors laid end to end in name
+order. Which slice is which tensor (name, dtype, shape) is an index kept in the
+file's metadata, as zlib-compressed JSON. Written the plain safetensors way, one
+entry per tensor, the JSON header costs ~90 bytes a tensor: 16.5 kB of a 594 kB
+int8 file of the 184-tensor ``vitc_small``, 2.8% of it, which would be reported as
+model size although it is only names. Compressed, the same names cost ~1 kB.
+Files written the plain way by earlier versions still load.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -29,6 +40,7 @@ from .errors import VitcompressError
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 _SEP = "::"
+_FORMAT = "2"  # tensors packed per dtype, compressed index (format "1": one safetensors entry per tensor)
 
 
 _F16_MAX = float(torch.finfo(torch.float16).max)
@@ -56,10 +68,13 @@ def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dic
             scales = value.q_per_channel_scales().to(torch.float32)
             small = float16 and _fits_float16(scales)
             tensors[key + _SEP + "scale"] = scales.to(torch.float16 if small else torch.float32).contiguous()
-            # A zero point lies in the integer range of the values, so it fits their own dtype.
-            zps = value.q_per_channel_zero_points()
-            tensors[key + _SEP + "zero_point"] = zps.to(value.int_repr().dtype).contiguous()
             layout[key] = {"kind": "qtensor_per_channel", "dtype": str(value.dtype), "axis": value.q_per_channel_axis()}
+            zps = value.q_per_channel_zero_points()
+            if bool((zps == 0).all()):
+                layout[key]["symmetric"] = True  # all zero points are 0: nothing to store
+            else:
+                # A zero point lies in the integer range of the values, so it fits their own dtype.
+                tensors[key + _SEP + "zero_point"] = zps.to(value.int_repr().dtype).contiguous()
         else:
             tensors[key + _SEP + "scale"] = torch.tensor([value.q_scale()], dtype=torch.float64)
             tensors[key + _SEP + "zero_point"] = torch.tensor([value.q_zero_point()], dtype=torch.int32)
@@ -101,7 +116,8 @@ def _unflatten(key: str, layout: dict[str, Any], f: Any) -> Any:
     if kind == "qtensor_per_channel":
         ints = f.get_tensor(key + _SEP + "int")
         scales = f.get_tensor(key + _SEP + "scale").to(torch.float64)
-        zps = f.get_tensor(key + _SEP + "zero_point").to(torch.int64)
+        zps = (torch.zeros(scales.shape, dtype=torch.int64) if entry.get("symmetric")
+               else f.get_tensor(key + _SEP + "zero_point").to(torch.int64))
         return _make_q(ints, entry["dtype"], scales=scales, zero_points=zps, axis=int(entry["axis"]))
     if kind in ("tuple", "list"):
         items = [_unflatten(f"{key}{_SEP}{i}", layout, f) for i in range(int(entry["len"]))]
@@ -151,25 +167,79 @@ def save_artifact(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, 
     layout: dict[str, Any] = {}
     for key, value in model.state_dict().items():
         _flatten(key, value, tensors, layout, float16)
-    _dedupe_shared(tensors)
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"vitcompress_layout": json.dumps(layout)})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    _write_weights(tensors, layout, out / WEIGHTS_FILE)
     tmp_meta = out / (META_FILE + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp_meta, out / META_FILE)
     return out / WEIGHTS_FILE
 
 
-def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> None:
-    # safetensors refuses tensors that share memory; give each its own copy.
-    seen: set[int] = set()
-    for key, t in tensors.items():
-        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
-        if ptr in seen:
-            tensors[key] = t.clone()
-        elif ptr != -1:
-            seen.add(ptr)
+def _write_weights(tensors: dict[str, torch.Tensor], layout: dict[str, Any], path: Path) -> None:
+    blobs, index = _pack(tensors)
+    packed_index = base64.b64encode(zlib.compress(json.dumps(
+        {"format": _FORMAT, "index": index, "layout": layout}, separators=(",", ":")).encode(), 9)).decode()
+    tmp = path.with_name(path.name + ".tmp")
+    # One metadata entry: safetensors writes several in no fixed order, and equal models must give equal files.
+    save_file(blobs, str(tmp), metadata={"vitcompress_index": packed_index})
+    os.replace(tmp, path)
+
+
+def upgrade_artifact(art_dir: str | os.PathLike) -> bool:
+    """Rewrite a weights file of the earlier one-entry-per-tensor layout in the packed one; True if it did.
+
+    Bit-exact: the stored tensors are copied as stored (float16 stays float16), only the
+    all-zero zero points of symmetric per-channel tensors are dropped.
+    """
+    path = Path(art_dir) / WEIGHTS_FILE
+
+    def rewrite(layout: dict[str, Any], f: Any) -> bool:
+        if isinstance(f, _Stored):
+            return False
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for key, entry in layout.items():
+            zp = tensors.get(key + _SEP + "zero_point")
+            if entry["kind"] == "qtensor_per_channel" and zp is not None and bool((zp == 0).all()):
+                del tensors[key + _SEP + "zero_point"]
+                entry["symmetric"] = True
+        _write_weights(tensors, layout, path)
+        return True
+    return _open(path, rewrite)
+
+
+def _pack(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[list[Any]]]:
+    """Lay the tensors of each storage dtype end to end: one 1-D blob per dtype, plus the index."""
+    parts: dict[torch.dtype, list[torch.Tensor]] = {}
+    index = []
+    for key, t in sorted(tensors.items()):  # name order: the same tensors always give the same file
+        parts.setdefault(t.dtype, []).append(t.reshape(-1))
+        index.append([key, str(t.dtype).removeprefix("torch."), list(t.shape)])
+    return {str(dtype).removeprefix("torch."): torch.cat(ts) for dtype, ts in parts.items()}, index
+
+
+class _Stored:
+    """The stored tensors of a packed file, by name (what ``_unflatten`` reads from)."""
+
+    def __init__(self, f: Any, index: list[list[Any]]):
+        blobs = {name: f.get_tensor(name) for name in f.keys()}
+        at = dict.fromkeys(blobs, 0)
+        self.tensors: dict[str, torch.Tensor] = {}
+        for key, dtype, shape in index:
+            n = 1
+            for d in shape:
+                n *= int(d)
+            blob = blobs[dtype]
+            if at[dtype] + n > blob.numel():
+                raise ValueError(f"index runs past the {dtype} data")
+            self.tensors[key] = blob[at[dtype]:at[dtype] + n].view(shape)
+            at[dtype] += n
+        if any(at[name] != blobs[name].numel() for name in blobs):
+            raise ValueError("data left over after the index")
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
 
 
 def read_meta(art_dir: str | os.PathLike) -> dict[str, Any]:
@@ -182,14 +252,15 @@ def read_meta(art_dir: str | os.PathLike) -> dict[str, Any]:
         raise VitcompressError(f"{path} is corrupt ({exc.msg}); delete the artifact folder and re-run the study") from None
 
 
-def read_state(art_dir: str | os.PathLike) -> dict[str, Any]:
-    """The state dict stored in an artifact, quantized tensors rebuilt."""
-    path = Path(art_dir) / WEIGHTS_FILE
+def _open(path: Path, use: Any) -> Any:
+    """Call ``use(layout, stored)`` on the file's layout and stored tensors; one-line errors for bad files."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            layout = json.loads((f.metadata() or {})["vitcompress_layout"])
-            keys = set(layout) | set(f.keys())
-            return {key: _unflatten(key, layout, f) for key in sorted(keys) if _SEP not in key}
+            metadata = f.metadata() or {}
+            if "vitcompress_index" in metadata:
+                packed = json.loads(zlib.decompress(base64.b64decode(metadata["vitcompress_index"])))
+                return use(packed["layout"], _Stored(f, packed["index"]))
+            return use(json.loads(metadata["vitcompress_layout"]), f)
     except VitcompressError:
         raise
     except FileNotFoundError:
@@ -198,6 +269,23 @@ def read_state(art_dir: str | os.PathLike) -> dict[str, Any]:
         raise VitcompressError(
             f"cannot read {path} ({type(exc).__name__}); the file is corrupt or truncated: delete it and re-run"
         ) from None
+
+
+def read_state(art_dir: str | os.PathLike) -> dict[str, Any]:
+    """The state dict stored in an artifact, quantized tensors rebuilt."""
+    def state(layout: dict[str, Any], f: Any) -> dict[str, Any]:
+        keys = set(layout) | set(f.keys())
+        return {key: _unflatten(key, layout, f) for key in sorted(keys) if _SEP not in key}
+    return _open(Path(art_dir) / WEIGHTS_FILE, state)
+
+
+def stored_tensors(art_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors as the file stores them, by name, in their storage dtype.
+
+    Quantized tensors appear as their parts (``<name>::int``, ``::scale``, ...); this is
+    what a reader checks to see that integer weights are stored as integers.
+    """
+    return _open(Path(art_dir) / WEIGHTS_FILE, lambda layout, f: {k: f.get_tensor(k) for k in f.keys()})
 
 
 def load_artifact(art_dir: str | os.PathLike) -> nn.Module:

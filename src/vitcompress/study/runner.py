@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..artifact import load_artifact, read_meta, save_artifact, size_on_disk
+from ..artifact import load_artifact, read_meta, save_artifact, size_on_disk, upgrade_artifact
 from ..config import to_dict
 from ..data import ImageTensorDataset, load_split, make_loader
 from ..errors import VitcompressError
@@ -173,6 +173,8 @@ class Study:
         """The model a chain prefix produces: loaded from its artifact if saved, else built and saved."""
         art = self._artifact_dir(steps)
         if (art / "meta.json").exists() and (art / "model.safetensors").exists():
+            if upgrade_artifact(art):
+                self.log(f"  rewrote {art.name}/model.safetensors in the packed layout (same tensors, smaller index)")
             return load_artifact(art), art
         t0 = time.perf_counter()
         if not steps:
