@@ -105,3 +105,15 @@ def test_relative_budgets_use_the_baseline_measured_in_the_same_run() -> None:
     assert search_runner._feasible(row, b, base)
     for change in ({"size_bytes": 300_001}, {"cpu_img_s": 1999.0}, {"top1": 84.9}, {"status": "failed"}):
         assert not search_runner._feasible(row | change, b, base), change
+
+
+def test_a_chain_already_tried_is_not_measured_again(tmp_path) -> None:
+    d = _search_recipe()
+    d["search"]["trials"] = 3  # but only two distinct chains exist
+    d["search"]["chains"] = [[{"ptq.dynamic": {"per_channel": {"choice": [True, False]}}}]]
+    logs: list[str] = []
+    res = run_search(parse_recipe(d), tmp_path / "s", progress=False, log=logs.append)
+    assert len(res.rows) == 2 and all(r["status"] == "ok" for r in res.rows)
+    assert {r["params"]["c0.s0.ptq.dynamic.per_channel"] for r in res.rows} == {0, 1}
+    assert sum("again; not counted" in m for m in logs) >= 20
+    assert any(m.strip().startswith("stopping:") for m in logs)

@@ -110,6 +110,11 @@ def _violations(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> list
     ]
 
 
+def _chain_key(params: dict[str, Any]) -> str:
+    """A trial's parameters name its chain: equal parameters, equal chain."""
+    return json.dumps(params, sort_keys=True, default=str)
+
+
 def _sampler(cfg: SearchConfig, seed: int) -> Any:
     import optuna
 
@@ -165,9 +170,25 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
         for t in opt.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # A trial the last run was killed in: its saved prefixes are reused by the next ones.
             opt._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        # A sampler may propose a chain it has tried (TPE does, once it settles): such a trial is told to
+        # Optuna as pruned, so it does not count, and the search goes on to a chain not tried yet; if the
+        # space holds fewer distinct chains than `trials`, it stops after many repeats in a row.
+        tried = {_chain_key(r["params"]): r["trial"] for r in load_rows(trials_path) if r.get("trial", -1) >= 0}
+        repeats = 0
         while len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))) < n_trials:
             trial = opt.ask()
             steps_raw = suggest_steps(trial, cfg)
+            if _chain_key(trial.params) in tried:
+                say(f"▶ trial {trial.number}: the chain of trial {tried[_chain_key(trial.params)]} again; not counted")
+                opt.tell(trial, state=TrialState.PRUNED)
+                repeats += 1
+                if repeats >= max(20, 2 * n_trials):
+                    say(f"  stopping: {repeats} proposals in a row were chains already tried; the space may hold "
+                        f"fewer than {n_trials} distinct chains")
+                    break
+                continue
+            repeats = 0
+            tried[_chain_key(trial.params)] = trial.number
             t0 = time.perf_counter()
             try:
                 steps = _parse_steps(steps_raw, f"trial {trial.number}")
