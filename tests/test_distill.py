@@ -222,8 +222,12 @@ def test_cnn_teacher_from_a_checkpoint_file(teacher_and_data, tmp_path) -> None:
     out = get_method("distill").apply(create_model(SPEC), cfg, ctx)
     assert isinstance(out.model, VisionTransformerDistilled) and out.meta["student"]["name"] == cfg.student
     assert torch.isfinite(_logits(out.model, ds)).all()
+    # "tiny" with a CNN teacher: half the incoming ViT's layout (the teacher has none to copy).
+    incoming = create_model(SPEC)
+    tiny = get_method("distill").apply(incoming, replace(cfg, student="tiny"), ctx)
+    assert tiny.meta["student"]["kwargs"]["embed_dim"] == incoming.embed_dim // 2
     with pytest.raises(VitcompressError, match="copies a ViT teacher's layout"):
-        get_method("distill").apply(create_model(SPEC), replace(cfg, student="tiny"), ctx)
+        get_method("distill").apply(cnn, replace(cfg, student="tiny"), ctx)  # no ViT anywhere
 
 
 def test_input_student_keeps_the_incoming_model(teacher_and_data, tmp_path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ...config import check
@@ -150,7 +151,10 @@ def finish(student: nn.Module) -> nn.Module:
 )
 def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
     teacher = load_teacher(cfg, ctx, model)
-    student, spec = build_student(cfg.student, teacher, model, ctx, dist_token=cfg.uses_token,
+    # "same"/"tiny" copy the teacher's ViT layout; a CNN teacher has none, so then the incoming
+    # model's (the baseline's in a study): DeiT's setting, a ViT student taught by a convnet.
+    layout = model if not isinstance(teacher, VisionTransformer) and isinstance(model, VisionTransformer) else teacher
+    student, spec = build_student(cfg.student, layout, model, ctx, dist_token=cfg.uses_token,
                                   pretrained=cfg.pretrained)
     if student is teacher:
         raise VitcompressError("student 'input' is the teacher here; name a teacher (teacher: ARTIFACT_DIR)")
