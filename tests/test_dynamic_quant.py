@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from torch import nn
 
@@ -15,12 +18,17 @@ def _linear_bytes(model: nn.Module) -> int:
     return sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def test_dynamic_int8_file_holds_int8_weights_and_shrinks(tmp_path) -> None:
+def _quantized_quick() -> tuple[ModelSpec, nn.Module, DynamicQuantConfig, Any]:
+    """A seeded vitc_quick and its ptq.dynamic step output."""
     spec = ModelSpec("vitc_quick")
     torch.manual_seed(0)
     model = create_model(spec).eval()
     cfg = DynamicQuantConfig()
-    out = get_method("ptq.dynamic").apply(model, cfg, None)
+    return spec, model, cfg, get_method("ptq.dynamic").apply(model, cfg, None)
+
+
+def test_dynamic_int8_file_holds_int8_weights_and_shrinks(tmp_path) -> None:
+    spec, model, cfg, out = _quantized_quick()
     q = out.model
     assert uses_integer_kernels(q) and not uses_integer_kernels(model)
     assert count_params(q) == count_params(model)
@@ -68,11 +76,7 @@ def test_file_is_its_tensors_plus_a_small_index_and_old_files_still_load(tmp_pat
 
     from vitcompress.artifact import WEIGHTS_FILE, _flatten, upgrade_artifact
 
-    spec = ModelSpec("vitc_quick")
-    torch.manual_seed(0)
-    model = create_model(spec).eval()
-    cfg = DynamicQuantConfig()
-    out = get_method("ptq.dynamic").apply(model, cfg, None)
+    spec, _, cfg, out = _quantized_quick()
     meta = {"model": spec.to_dict(), "steps": [{"method": "ptq.dynamic", "config": to_dict(cfg), "meta": out.meta}]}
     path = save_artifact(out.model, tmp_path / "new", meta, float16=True)
     stored = stored_tensors(tmp_path / "new")
@@ -104,3 +108,19 @@ def test_file_is_its_tensors_plus_a_small_index_and_old_files_still_load(tmp_pat
     # A study finding such a file rewrites it in the packed layout: the very bytes a new save writes.
     assert upgrade_artifact(tmp_path / "old") and not upgrade_artifact(tmp_path / "old")
     assert (tmp_path / "old" / WEIGHTS_FILE).read_bytes() == path.read_bytes()
+
+    # A file of another packed format is refused with a one-line reason, not misread.
+    import base64
+    import zlib
+
+    from safetensors import safe_open
+
+    from vitcompress.errors import VitcompressError
+    with safe_open(str(path), "pt") as f:
+        blobs = {k: f.get_tensor(k) for k in f.keys()}
+        index = json.loads(zlib.decompress(base64.b64decode(f.metadata()["vitcompress_index"])))
+    index["format"] = "3"
+    save_file(blobs, str(path), metadata={"vitcompress_index": base64.b64encode(
+        zlib.compress(json.dumps(index).encode())).decode()})
+    with pytest.raises(VitcompressError, match="weights format '3'"):
+        stored_tensors(tmp_path / "new")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import zlib
 from collections import OrderedDict
@@ -224,9 +225,7 @@ class _Stored:
         at = dict.fromkeys(blobs, 0)
         self.tensors: dict[str, torch.Tensor] = {}
         for key, dtype, shape in index:
-            n = 1
-            for d in shape:
-                n *= int(d)
+            n = math.prod(shape)
             blob = blobs[dtype]
             if at[dtype] + n > blob.numel():
                 raise ValueError(f"index runs past the {dtype} data")
@@ -259,6 +258,9 @@ def _open(path: Path, use: Any) -> Any:
             metadata = f.metadata() or {}
             if "vitcompress_index" in metadata:
                 packed = json.loads(zlib.decompress(base64.b64decode(metadata["vitcompress_index"])))
+                if packed.get("format") != _FORMAT:
+                    raise VitcompressError(f"{path} is in weights format {packed.get('format')!r}, not {_FORMAT!r}: "
+                                           "written by another vitcompress version; load it with that version")
                 return use(packed["layout"], _Stored(f, packed["index"]))
             return use(json.loads(metadata["vitcompress_layout"]), f)
     except VitcompressError:

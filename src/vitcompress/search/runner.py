@@ -178,8 +178,9 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
         while len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))) < n_trials:
             trial = opt.ask()
             steps_raw = suggest_steps(trial, cfg)
-            if _chain_key(trial.params) in tried:
-                say(f"▶ trial {trial.number}: the chain of trial {tried[_chain_key(trial.params)]} again; not counted")
+            key = _chain_key(trial.params)
+            if key in tried:
+                say(f"▶ trial {trial.number}: the chain of trial {tried[key]} again; not counted")
                 opt.tell(trial, state=TrialState.PRUNED)
                 repeats += 1
                 if repeats >= max(20, 2 * n_trials):
@@ -188,7 +189,7 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
                     break
                 continue
             repeats = 0
-            tried[_chain_key(trial.params)] = trial.number
+            tried[key] = trial.number
             t0 = time.perf_counter()
             try:
                 steps = _parse_steps(steps_raw, f"trial {trial.number}")
