@@ -151,8 +151,11 @@ def latency_interleaved(calls: Mapping[str, Callable[[], Any]], samples: int) ->
 
 
 def logit_parity(reference: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
-    """How closely ``out`` follows ``reference`` (logits of the same images)."""
-    reference, out = reference.float().cpu(), out.float().cpu()
+    """How closely ``out`` follows ``reference`` (logits of the same images).
+
+    Computed in float64: in float32 the cosine of a logit vector with itself can come out 1 - 6e-8.
+    """
+    reference, out = reference.double().cpu(), out.double().cpu()
     return {
         "top1_agreement": float((reference.argmax(-1) == out.argmax(-1)).float().mean()),
         "max_abs_logit_err": float((reference - out).abs().max()),
