@@ -76,3 +76,31 @@ def test_integer_kernel_detection() -> None:
     q = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     assert uses_integer_kernels(q)
     assert not uses_integer_kernels(model)
+
+
+def test_interleaved_rounds_visit_deployments_in_a_seeded_shuffled_order() -> None:
+    from vitcompress.measure.bench import time_interleaved
+
+    def rounds(seed: int | None) -> list[tuple[str, ...]]:
+        calls: list[str] = []
+        fns = {name: (lambda name=name: calls.append(name)) for name in "abcde"}
+        times = time_interleaved(fns, warmup=0, repeats=6, min_repeat_seconds=0.0, seed=seed)
+        assert {k: len(v) for k, v in times.items()} == dict.fromkeys("abcde", 6)
+        timed = calls[5:]  # one sizing call each, then one call per name per round
+        return [tuple(timed[i:i + 5]) for i in range(0, 30, 5)]
+
+    shuffled = rounds(0)
+    assert all(sorted(r) == list("abcde") for r in shuffled) and len(set(shuffled)) > 1
+    assert rounds(0) == shuffled  # seeded: the same order on every run
+    assert rounds(None) == [tuple("abcde")] * 6
+
+
+def test_paired_ratios_are_taken_round_by_round() -> None:
+    from vitcompress.measure.bench import paired_ratios
+
+    # Round 3 ran under load for both; its ratio is still 2, so the median stays 2.
+    base, row = [1.0, 1.0, 4.0, 1.0, 1.2], [0.5, 0.5, 2.0, 0.4, 0.6]
+    assert paired_ratios(base, row) == {"q25": 2.0, "median": 2.0, "q75": 2.0}
+    assert paired_ratios([1.0, 1.0, 1.0], [0.5, 1.0, 0.25]) == {"q25": 1.5, "median": 2.0, "q75": 3.0}
+    with pytest.raises(ValueError):
+        paired_ratios([1.0], [1.0, 2.0])

@@ -207,7 +207,7 @@ def test_rows_with_non_finite_numbers_are_caught_before_the_results_file() -> No
 
 
 def test_speed_pass_retimes_rows_interleaved_with_the_baseline(tmp_path) -> None:
-    from vitcompress.report.table import SpeedReference, same_round_reference, speed_reference
+    from vitcompress.report.table import SpeedReference, _main_cells, same_round_reference, speed_reference
     from vitcompress.study.retime import needs_retime
 
     d = tiny_recipe_dict(experiments=[
@@ -231,10 +231,17 @@ def test_speed_pass_retimes_rows_interleaved_with_the_baseline(tmp_path) -> None
         ref = same_round_reference(row, speed_reference(base))
         assert ref == SpeedReference(timing["baseline_img_s"]["torch-eager-cpu"], "torch-eager-cpu",
                                      ("torch-eager-cpu",), None)
+        # ... as the median of the round-by-round ratios, with their quartiles beside it.
+        paired = row["speedup_paired"]
+        assert set(paired) == set(base["runtimes"]) and paired == row["runtimes"][row["runtime"]]["speedup_paired"]
+        q25, median, q75 = (paired["torch-eager-cpu"][k] for k in ("q25", "median", "q75"))
+        assert 0 < q25 <= median <= q75
+        assert _main_cells(row, base)[7] == f"{median:.2f}×"
     assert {rows[n]["timing"]["group"] for n in ("Dynamic Quantization", "Static int8")} == {0, 1}
     assert rows["Static int8"]["runtime"] == "onnxruntime-cpu"
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Static int8" in report and len(res.rows) == 3
+    assert "Speed-up IQR (×)" in report and "**Speed-up IQR (×)**" in report  # the column and its legend
     # A resumed run with nothing new keeps the numbers: no second speed pass.
     log.clear()
     run_study(parse_recipe(d), tmp_path / "run", progress=False, log=log.append)

@@ -45,6 +45,7 @@ _MAIN_COLUMNS: tuple[tuple[str, bool], ...] = (
 )
 # Shown after "CPU speed-up (×)" when the baseline was measured in eager PyTorch and on a faster float runtime.
 EAGER_COLUMN = "CPU speed-up vs eager (×)"
+SPREAD_COLUMN = "Speed-up IQR (×)"
 
 # Keys every CSV starts with, so the header is the same whatever rows a run produced.
 _CSV_COLUMNS: tuple[str, ...] = (
@@ -190,6 +191,17 @@ def same_round_reference(row: Mapping[str, Any], speed_ref: SpeedReference) -> S
                           eager if speed_ref.eager_img_s is not None else None)
 
 
+def paired_speedup(row: Mapping[str, Any], runtime: str | None) -> tuple[float, float, float] | None:
+    """(q25, median, q75) of the row's round-by-round speed-up over the baseline on ``runtime``, from the
+    study's speed pass; ``None`` for rows timed otherwise."""
+    paired = row.get("speedup_paired")
+    stats = paired.get(runtime) if isinstance(paired, Mapping) and runtime else None
+    if not isinstance(stats, Mapping):
+        return None
+    values = tuple(finite_number(stats.get(k)) for k in ("q25", "median", "q75"))
+    return None if None in values else values  # type: ignore[return-value]
+
+
 def main_columns(speed_ref: SpeedReference) -> list[tuple[str, bool]]:
     """The main table's (header, right-aligned) columns; the eager ratio only when it differs."""
     columns = list(_MAIN_COLUMNS)
@@ -250,10 +262,14 @@ def _main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None,
     """Plain-text cells of the main table, in ``main_columns(speed_ref)`` order."""
     ref = reference or {}
     speed_ref = same_round_reference(row, speed_ref or speed_reference(reference))
-    speed_up = _ratio(row.get("cpu_img_s"), speed_ref.img_s)
+    paired = paired_speedup(row, speed_ref.runtime)
+    speed_up = paired[1] if paired else _ratio(row.get("cpu_img_s"), speed_ref.img_s)
     size_ratio = _ratio(row.get("size_bytes"), ref.get("size_bytes"))
     method = str(row.get("name", DASH)) + (" ★" if row.get("pareto") else "")
-    eager = [_times(_ratio(row.get("cpu_img_s"), speed_ref.eager_img_s))] if speed_ref.eager_img_s is not None else []
+    eager_runtime = next((k for k in row.get("speedup_paired") or {} if str(k).startswith("torch-eager")), None)
+    eager_paired = paired_speedup(row, eager_runtime)
+    eager = ([_times(eager_paired[1] if eager_paired else _ratio(row.get("cpu_img_s"), speed_ref.eager_img_s))]
+             if speed_ref.eager_img_s is not None else [])
     return [
         str(row.get("model") or DASH),
         method,
@@ -385,7 +401,8 @@ def _speed_reference_sentence(speed_ref: SpeedReference) -> str:
     return text
 
 
-def _legend(has_pareto: bool, has_top5: bool, speed_ref: SpeedReference | None = None) -> list[str]:
+def _legend(has_pareto: bool, has_top5: bool, speed_ref: SpeedReference | None = None,
+            has_spread: bool = False) -> list[str]:
     lines = [
         "- **Model**: the architecture the experiment started from.",
         "- **Method**: the experiment's name; its compression steps are in `results.csv` (column `steps`).",
@@ -415,6 +432,12 @@ def _legend(has_pareto: bool, has_top5: bool, speed_ref: SpeedReference | None =
             f"- **{EAGER_COLUMN}**: CPU speed / the baseline's speed in eager PyTorch on the CPU. Eager is not "
             "the fastest way to run the baseline here, so this ratio overstates what a method buys; it is shown "
             "to compare with studies that report against eager PyTorch.",
+        )
+    if has_spread:
+        lines.append(
+            f"- **{SPREAD_COLUMN}**: the speed pass times a row and the baseline in turn, round after round; "
+            "the CPU speed-up is the median over the rounds of the ratio within each round, and this is its "
+            "interquartile range. Two speed-ups whose ranges overlap are not told apart by this run."
         )
     if has_top5:
         lines.append(
@@ -480,12 +503,16 @@ def render_markdown(
     columns = _detail_columns(finished)
     if finished:
         out += ["## Details", ""]
+        spreads = [paired_speedup(row, speed_ref.runtime) for row in finished]
+        spread_column = any(spreads)
         body = [
             [str(row.get("name", DASH))]
             + [_fmt(row.get(key), decimals, scale) for _, key, decimals, scale in columns]
-            for row in finished
+            + ([DASH if spread is None else f"{spread[0]:.2f}–{spread[2]:.2f}"] if spread_column else [])
+            for row, spread in zip(finished, spreads)
         ]
-        out += _md_table(["Method"] + [c[0] for c in columns], [False] + [True] * len(columns), body)
+        headers = ["Method"] + [c[0] for c in columns] + ([SPREAD_COLUMN] if spread_column else [])
+        out += _md_table(headers, [False] + [True] * (len(headers) - 1), body)
         out.append("")
 
     if plots:
@@ -494,7 +521,9 @@ def render_markdown(
             out += [f"![{caption}]({link})", ""]
 
     has_top5 = any(column[1] == "top5" for column in columns)
-    out += ["## Legend", ""] + _legend(any(row.get("pareto") for row in finished), has_top5, speed_ref) + [""]
+    has_spread = any(paired_speedup(row, speed_ref.runtime) for row in finished)
+    out += ["## Legend", ""] + _legend(any(row.get("pareto") for row in finished), has_top5, speed_ref,
+                                       has_spread) + [""]
     return "\n".join(out)
 
 

@@ -10,7 +10,9 @@ turn repeat after repeat (:func:`vitcompress.measure.bench.time_interleaved`), s
 burst of load slows the whole round rather than one row. Every runtime a row ran in
 is re-timed; the row's speed becomes its fastest runtime's interleaved median (its
 accuracy, as before, is the accuracy measured in that runtime), and its speed-up is
-against the baseline's numbers from the same group. The isolated numbers stay in the
+against the baseline's numbers from the same group: the median, over the rounds, of
+the ratio within each round (``speedup_paired``: median and quartiles per baseline
+runtime), so load that comes and goes between rounds cancels out. The isolated numbers stay in the
 row (``cpu_img_s_isolated``) and ``timing`` says how each speed was taken.
 """
 
@@ -27,7 +29,7 @@ import torch
 
 from ..artifact import load_artifact
 from ..measure import _Threads
-from ..measure.bench import latency_interleaved, time_interleaved
+from ..measure.bench import latency_interleaved, paired_ratios, time_interleaved
 from ..measure.runtimes import RUNTIMES, as_module, deploy
 
 INTERLEAVED = "interleaved"
@@ -50,7 +52,7 @@ def pick_primary(row: dict[str, Any]) -> None:
     primary, best = primary_runtime(row["runtimes"])
     row["runtime"] = primary
     for key in ("top1", "top5", "n_test", "cpu_img_s", "cpu_img_s_b1", "latency_ms_p50", "latency_ms_p95",
-                "int_arithmetic", "float_parts"):
+                "int_arithmetic", "float_parts", "speedup_paired"):
         if key in best:
             row[key] = best[key]
 
@@ -98,6 +100,7 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
                                          min_repeat_seconds=cfg.min_repeat_seconds)
             latency = latency_interleaved(singles, cfg.latency_samples)
         base_here: dict[str, float] = {}  # the baseline's images/s per runtime label in this group
+        base_seconds = {json.loads(key)[1]: v for key, v in per_batch.items() if json.loads(key)[0] == base["name"]}
         for key, seconds in per_batch.items():
             name, label = json.loads(key)
             row = next(r for r in group if r["name"] == name)
@@ -110,6 +113,7 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
             entry.setdefault("cpu_img_s_isolated", entry["cpu_img_s"])
             entry["cpu_img_s"] = img_s
             entry.update(latency[key])
+            entry["speedup_paired"] = {b: paired_ratios(v, seconds) for b, v in base_seconds.items()}
         for row in group[1:]:
             row.setdefault("cpu_img_s_isolated", row["cpu_img_s"])
             row["timing"] = {"mode": INTERLEAVED, "group": g, "baseline_img_s": base_here}
