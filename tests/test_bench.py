@@ -181,6 +181,27 @@ def test_openvino_int_arithmetic_only_for_integer_layers(static_artifact: Path, 
     assert float(cos.min()) > 0.98  # our scales, executed by OpenVINO in int8 (bf16 float parts)
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="OpenVINO not installed (pip install 'vitcompress[openvino]')")
+def test_openvino_compiles_per_input_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitcompress.measure import runtimes
+
+    monkeypatch.setattr(runtimes, "STATIC_SHAPES", 2)
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("vitc_micro")).eval()
+    x = torch.randn(5, 1, 28, 28)
+    dep = runtimes.deploy_openvino(runtimes._export(model, x, tmp_path), 1, precision="f32")
+    import openvino as ov
+
+    compiles = []
+    original = ov.Core.compile_model
+    monkeypatch.setattr(ov.Core, "compile_model", lambda self, *a, **k: compiles.append(1) or original(self, *a, **k))
+    with torch.inference_mode():
+        want = model(x)
+        for batch in (5, 3, 5, 1, 3):  # shapes 5 and 3 get their own compilation; 1 runs on the dynamic one
+            assert torch.allclose(dep.fn(x[:batch]), want[:batch], atol=1e-4)
+    assert len(compiles) == 2
+
+
 def test_bench_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
         (["bench", "vitc_micro", "--runtimes", "tensorrt"], "unknown runtime tensorrt"),

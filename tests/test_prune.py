@@ -294,6 +294,18 @@ def test_bipartite_merge_protects_the_class_token_and_averages_by_size() -> None
     assert size[0, 0, 0] == 1 and size.sum() == 5
 
 
+def test_bipartite_merge_sums_every_a_token_into_its_b_partner() -> None:
+    # Tokens after the class token alternate A, B: A0 and A1 both match B0 best; B1 points elsewhere.
+    cls, a0, b0, a1, b1 = [1.0, 0.0, 0.0], [0.0, 1.0, 0.1], [0.0, 1.0, 0.0], [0.0, 0.9, 0.0], [0.0, 0.0, 1.0]
+    x = torch.tensor([[cls, a0, b0, a1, b1]])
+    out = bipartite_merge(x, 2, prefix=1)(torch.cat([x, torch.ones(1, 5, 1)], dim=-1))
+    expect = torch.tensor([[cls + [1.0], [0.0, 2.9, 0.1, 3.0], b1 + [1.0]]])
+    torch.testing.assert_close(out, expect)
+    # r = 1 merges the closer of the two (A1: cosine 1 with B0) and keeps A0 right after the class token.
+    out = bipartite_merge(x, 1, prefix=1)(x)
+    torch.testing.assert_close(out, torch.tensor([[cls, a0, [0.0, 1.9, 0.0], b1]]))
+
+
 def test_config_errors_are_one_line() -> None:
     with pytest.raises(VitcompressError, match="prune.gates"):
         get_method("prune.structured").config_cls(importance="gate")
