@@ -202,6 +202,20 @@ def test_openvino_compiles_per_input_shape(tmp_path: Path, monkeypatch: pytest.M
     assert len(compiles) == 2
 
 
+def test_cached_onnx_export_is_redone_when_the_code_that_wrote_it_changed(tmp_path: Path) -> None:
+    from vitcompress.measure import runtimes
+
+    model, x = create_model(ModelSpec("vitc_micro")).eval(), torch.randn(2, 1, 28, 28)
+    path = runtimes._export(model, x, tmp_path)
+    first = path.stat().st_mtime_ns
+    assert runtimes._export(model, x, tmp_path) == path and path.stat().st_mtime_ns == first  # reused
+    (tmp_path / "model.onnx.code").write_text("written-by-another-version\n")
+    os.utime(path, ns=(first - 10**9, first - 10**9))
+    runtimes._export(model, x, tmp_path)
+    assert path.stat().st_mtime_ns > first - 10**9
+    assert (tmp_path / "model.onnx.code").read_text().strip() == runtimes.code_fingerprint()
+
+
 def test_bench_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
         (["bench", "vitc_micro", "--runtimes", "tensorrt"], "unknown runtime tensorrt"),

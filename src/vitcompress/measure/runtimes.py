@@ -12,6 +12,8 @@ runtimes also run on CUDA (``device="cuda"``) when a GPU is present.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,15 +134,33 @@ def _deploy_cuda(runtime: str, model: nn.Module) -> Deployed:
     return Deployed(f"{runtime}-cuda", fn, False, device="cuda")
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of this package's source and torch's version: what an exported graph was made by."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(torch.__version__.encode())
+    for file in sorted(root.rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _export(model: nn.Module, example: torch.Tensor, work_dir: Path, target: str = "any") -> Path:
+    """The model's ONNX file in ``work_dir``, exported once and reused while the code that wrote it is unchanged.
+
+    A resumed study re-deploys its saved artifacts; an export cached by an earlier version of this
+    package (a changed token-merging graph, say) would be timed in place of what the code now builds,
+    so the file is stamped with :func:`code_fingerprint` and exported again when the stamp differs.
+    """
     from ..export.onnx import export_onnx
 
-    path = work_dir / "model.onnx"
-    if not path.exists():
+    path, stamp = work_dir / "model.onnx", work_dir / "model.onnx.code"
+    fingerprint = code_fingerprint()
+    if not path.exists() or not stamp.exists() or stamp.read_text().strip() != fingerprint:
         work_dir.mkdir(parents=True, exist_ok=True)
         tmp = work_dir / "model.tmp.onnx"
         export_onnx(model, example[:2], tmp, target=target)
         tmp.replace(path)
+        stamp.write_text(fingerprint + "\n")
     return path
 
 
