@@ -177,8 +177,8 @@ def deploy_openvino(model: Path | str | Any, threads: int, precision: str | None
     The model is compiled again for each input shape it meets (up to ``STATIC_SHAPES`` shapes, then the
     dynamic-batch compilation serves the rest), as one deploys OpenVINO for a fixed batch size: with static
     shapes the CPU plugin plans memory once and skips per-call shape inference. Measured on the
-    fashion-mnist ViT at batch 16, the static compilation ran 1.14x as fast as the dynamic one, and a
-    token-merging variant of it (718 graph nodes to 463) 1.26x.
+    fashion-mnist ViT at batch 16, the static compilation ran 1.14x as fast as the dynamic one, and for
+    its token-merging variant (718 graph nodes against 463) 1.26x.
     """
     try:
         import openvino as ov

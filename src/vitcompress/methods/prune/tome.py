@@ -109,8 +109,9 @@ def bipartite_merge(metric: torch.Tensor, r: int, prefix: int) -> Callable[[torc
 
     Written for exported graphs as much as for PyTorch (OpenVINO is where the study
     times it): one gather of the A tokens in merge order, and the scatter-add into the
-    B tokens as a matmul with a one-hot (B, Nb, r) matrix. On the fashion-mnist ViT this
-    graph ran 1.2x as fast in OpenVINO as the gather/gather/scatter-add one it replaced.
+    B tokens as a matmul with a one-hot (B, Nb, r) matrix. On the fashion-mnist ViT in
+    OpenVINO this graph ran 1.04x (r=10) and 1.08x (r=16) as fast as the two gathers and
+    scatter-add it replaced.
     """
     with torch.no_grad():
         m = metric[:, prefix:]
