@@ -49,6 +49,13 @@ def test_study_writes_rows_artifacts_report_and_resumes(tmp_path) -> None:
     assert (tmp_path / "run" / "report.md").read_text().count("Dynamic Quantization") >= 1
     assert (tmp_path / "run" / "plots" / "accuracy_vs_size.png").stat().st_size > 1000
     assert res.report["report"].exists()
+    # `vitcompress report` renders the same report from the run folder alone (title, command, Pareto marks).
+    from vitcompress.cli import main
+
+    before = {name: (tmp_path / "run" / name).read_text() for name in ("report.md", "results.csv")}
+    assert "★" in before["report.md"] and "vitcompress study: " in before["report.md"]
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert {name: (tmp_path / "run" / name).read_text() for name in before} == before
 
     # Resume: nothing re-runs, the artifacts are not rewritten.
     arts = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "artifacts").rglob("model.safetensors")}

@@ -371,12 +371,19 @@ def _how_measured(
     flagged = [row for row in rows if row.get("baseline")]
     if reference is not None:
         sentences.append(f"Relative columns compare with **{_md(reference.get('name'))}**.")
-        sentences.append(_speed_reference_sentence(speed_reference(reference)))
+        speed_ref = speed_reference(reference)
+        sentences.append(_speed_reference_sentence(speed_ref))
         timings = [row.get("timing") for row in rows if is_ok(row) and not row.get("baseline")]
         if timings and all(isinstance(t, Mapping) and t.get("baseline_img_s") for t in timings):
-            sentences.append("Speeds come from the study's speed pass: every row re-timed interleaved with the "
-                             "baseline, in groups, and each speed-up divides by the baseline's speed from the "
-                             "row's own group (`timing` in `results.jsonl`).")
+            if all(paired_speedup(row, speed_ref.runtime) for row in rows if is_ok(row) and not row.get("baseline")):
+                how = ("in a shuffled order each round, and each speed-up is the median, over the rounds, of the "
+                       "row's speed over the baseline's in the same round (quartiles in the Details table; "
+                       "`speedup_paired` in `results.jsonl`)")
+            else:
+                how = "and each speed-up divides by the baseline's speed from the row's own group (`timing` in " \
+                      "`results.jsonl`)"
+            sentences.append(f"Speeds come from the study's speed pass: every row re-timed interleaved with the "
+                             f"baseline, in groups, {how}.")
     elif flagged:
         sentences.append("The baseline failed, so the relative columns are empty.")
     return " ".join(sentences)

@@ -353,8 +353,6 @@ class Study:
         return out
 
     def run(self, executor: str = "local", address: str | None = None) -> StudyResult:
-        from ..report import write_report
-        from ..search.pareto import mark_pareto
         from ..train import resolve_mixed_precision
 
         dist.init_if_launched(resolve_mixed_precision(self.recipe.baseline.train.mixed_precision))
@@ -388,31 +386,41 @@ class Study:
                 write_rows(self.results_path, every)
             meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
                     "dataset": self.recipe.data.name}
-            report = write_report(self.run_dir, mark_pareto(rows), meta=meta)
-            report["importance_plots"] = self._importance_plots(rows, report["report"])
+            report = render_run(self.run_dir, rows, meta)
         return StudyResult(self.run_dir, rows, report)
 
-    def _importance_plots(self, rows: list[dict[str, Any]], report_path: Path) -> list[Path]:
-        """The study's Figure 3 (parameters vs importance score) for every row that pruned by importance."""
-        from ..methods.prune import plot_importance
 
-        paths = []
-        for r in rows:
-            if r.get("status") != "ok":
-                continue
-            meta = read_meta(self.run_dir / Path(r["artifact"]).parent)
-            for i, st in enumerate(meta.get("steps", [])):
-                if "importance" in (st.get("meta") or {}):
-                    slug = "".join(c if c.isalnum() else "_" for c in r["name"]).strip("_").lower()
-                    path = self.run_dir / "plots" / f"importance_{slug}_{i}.png"
-                    plot_importance(st["meta"], path)
-                    paths.append(path)
-        if paths:
-            lines = ["", "## Importance scores (the study's Figure 3)", ""]
-            lines += [f"![{p.stem}]({p.relative_to(self.run_dir).as_posix()})" for p in paths]
-            with open(report_path, "a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-        return paths
+def render_run(run_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """The study's report of ``rows``: Pareto marks, ``report.md``, ``results.csv``, plots and Figure 3."""
+    from ..report import write_report
+    from ..search.pareto import mark_pareto
+
+    report = write_report(run_dir, mark_pareto(rows), meta=meta)
+    report["importance_plots"] = _importance_plots(run_dir, rows, report["report"])
+    return report
+
+
+def _importance_plots(run_dir: Path, rows: list[dict[str, Any]], report_path: Path) -> list[Path]:
+    """The study's Figure 3 (parameters vs importance score) for every row that pruned by importance."""
+    from ..methods.prune import plot_importance
+
+    paths = []
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        meta = read_meta(run_dir / Path(r["artifact"]).parent)
+        for i, st in enumerate(meta.get("steps", [])):
+            if "importance" in (st.get("meta") or {}):
+                slug = "".join(c if c.isalnum() else "_" for c in r["name"]).strip("_").lower()
+                path = run_dir / "plots" / f"importance_{slug}_{i}.png"
+                plot_importance(st["meta"], path)
+                paths.append(path)
+    if paths:
+        lines = ["", "## Importance scores (the study's Figure 3)", ""]
+        lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in paths]
+        with open(report_path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    return paths
 
 
 def run_study(recipe: Recipe, out_dir: str | os.PathLike | None = None, *, executor: str = "local",
