@@ -350,3 +350,20 @@ def test_export_parity_on_dataset_images(static_artifact: Path, tmp_path: Path) 
                  "fashion-mnist", "--images", "20", "--threads", "1"]) == 0
     summary = json.loads((tmp_path / "export.json").read_text())
     assert summary["inputs"] == "the first 20 fashion-mnist test images"
+
+
+def test_timing_order_benchmark_quick_runs(tmp_path: Path) -> None:
+    out = tmp_path / "order.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "timing_order.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--runtime", "onnxruntime", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["quick"] and res["runtime_label"] == "onnxruntime-cpu" and set(res["schemes"]) == {"fixed order",
+                                                                                                  "shuffled"}
+    for ratios in res["schemes"].values():
+        assert ratios["copy 0"] == {"q25": 1.0, "median": 1.0, "q75": 1.0}  # copy 0 against itself, round by round
+        assert ratios["copy 1"]["q25"] <= ratios["copy 1"]["median"] <= ratios["copy 1"]["q75"]
+        assert ratios["copy 1"]["median"] > 0
+    assert "fixed order: speed / copy 0" in proc.stdout
+

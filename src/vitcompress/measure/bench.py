@@ -121,9 +121,10 @@ def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, warmup: int, rep
     package's recipe: warm-up calls, then each repeat loops until it lasts ``min_repeat_seconds``.
 
     Each round visits the callables in a fresh random order (``seed``; ``None`` keeps the given
-    order). A fixed order biases ratios by position: three OpenVINO compilations of one model,
-    always timed first, second and third in a round, came out 1.00, 1.06 and 1.08 times as fast;
-    shuffled, the same three agreed within 2%.
+    order), so that no deployment is always first or always after the same neighbour. One ad-hoc
+    run with a fixed order had a copy of the baseline timed 7th run 1.06x as fast as the copy timed
+    1st; ``benchmarks/timing_order.py`` could not reproduce that (within 2% in both schemes), so
+    the shuffle is a precaution, not a measured correction.
     """
     inner = {}
     for name, fn in calls.items():
