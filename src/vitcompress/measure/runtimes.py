@@ -196,10 +196,11 @@ def deploy_openvino(model: Path | str | Any, threads: int, precision: str | None
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
     static: dict[tuple[int, ...], Any] = {}  # input shape -> infer request of a compilation for that shape
+    reshapable = source.inputs[0].get_partial_shape().is_dynamic  # a static-shape source serves its one shape
 
     def request_for(shape: tuple[int, ...]) -> Any:
         if shape not in static:
-            if len(static) >= STATIC_SHAPES or not source.inputs[0].get_partial_shape().is_dynamic:
+            if len(static) >= STATIC_SHAPES or not reshapable:
                 return dynamic
             fixed = source.clone()
             fixed.reshape({fixed.inputs[0]: ov.PartialShape(list(shape))})

@@ -508,10 +508,10 @@ def render_markdown(
         out.append("")
 
     columns = _detail_columns(finished)
+    spreads = [paired_speedup(row, speed_ref.runtime) for row in finished]
+    spread_column = any(spreads)
     if finished:
         out += ["## Details", ""]
-        spreads = [paired_speedup(row, speed_ref.runtime) for row in finished]
-        spread_column = any(spreads)
         body = [
             [str(row.get("name", DASH))]
             + [_fmt(row.get(key), decimals, scale) for _, key, decimals, scale in columns]
@@ -528,9 +528,8 @@ def render_markdown(
             out += [f"![{caption}]({link})", ""]
 
     has_top5 = any(column[1] == "top5" for column in columns)
-    has_spread = any(paired_speedup(row, speed_ref.runtime) for row in finished)
     out += ["## Legend", ""] + _legend(any(row.get("pareto") for row in finished), has_top5, speed_ref,
-                                       has_spread) + [""]
+                                       spread_column) + [""]
     return "\n".join(out)
 
 

@@ -100,9 +100,9 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
                                          min_repeat_seconds=cfg.min_repeat_seconds)
             latency = latency_interleaved(singles, cfg.latency_samples)
         base_here: dict[str, float] = {}  # the baseline's images/s per runtime label in this group
-        base_seconds = {json.loads(key)[1]: v for key, v in per_batch.items() if json.loads(key)[0] == base["name"]}
-        for key, seconds in per_batch.items():
-            name, label = json.loads(key)
+        timed = [(key, *json.loads(key), seconds) for key, seconds in per_batch.items()]  # key, row name, label, s
+        base_seconds = {label: seconds for _, name, label, seconds in timed if name == base["name"]}
+        for key, name, label, seconds in timed:
             row = next(r for r in group if r["name"] == name)
             img_s = cfg.batch_size / statistics.median(seconds)
             if row is base:
