@@ -71,7 +71,7 @@ def test_shared_prefix_is_built_once_and_chain_equals_steps_by_hand(tmp_path, co
     meta = json.loads((tmp_path / "run" / rows["scaled + int8"]["artifact"]).with_name("meta.json").read_text())
     # Saved as the study saves after a quantization step (float16 for what stays float), then read back.
     save_artifact(out.model, tmp_path / "by_hand", meta | {"steps": meta["steps"][:1] + [
-        {"method": "ptq.dynamic", "config": to_dict(DynamicQuantConfig()), "meta": out.meta}]}, float16=True)
+        {"method": "ptq.dynamic", "config": to_dict(DynamicQuantConfig()), "meta": out.meta}]}, small_tensors="float16")
     by_hand = load_artifact(tmp_path / "by_hand")
     x = torch.randn(6, 1, 28, 28)
     with torch.inference_mode():

@@ -78,7 +78,7 @@ def test_file_is_its_tensors_plus_a_small_index_and_old_files_still_load(tmp_pat
 
     spec, _, cfg, out = _quantized_quick()
     meta = {"model": spec.to_dict(), "steps": [{"method": "ptq.dynamic", "config": to_dict(cfg), "meta": out.meta}]}
-    path = save_artifact(out.model, tmp_path / "new", meta, float16=True)
+    path = save_artifact(out.model, tmp_path / "new", meta, small_tensors="float16")
     stored = stored_tensors(tmp_path / "new")
     header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
     payload = sum(t.numel() * t.element_size() for t in stored.values())
@@ -92,7 +92,7 @@ def test_file_is_its_tensors_plus_a_small_index_and_old_files_still_load(tmp_pat
     tensors: dict[str, torch.Tensor] = {}
     layout: dict = {}
     for key, value in out.model.state_dict().items():
-        _flatten(key, value, tensors, layout, True)
+        _flatten(key, value, tensors, layout, "float16")
     for key, entry in layout.items():  # earlier files stored the zero points, zeros included
         if entry.pop("symmetric", False):
             tensors[key + "::zero_point"] = torch.zeros(tensors[key + "::scale"].shape, dtype=torch.int8)

@@ -7,7 +7,16 @@ import torch
 from conftest import synthetic_train_set
 from torch import nn
 
-from vitcompress.artifact import load_artifact, read_state, save_artifact, size_on_disk, stored_tensors
+from vitcompress.artifact import (
+    CODE_MIN_NUMEL,
+    decode_uint8,
+    encode_uint8,
+    load_artifact,
+    read_state,
+    save_artifact,
+    size_on_disk,
+    stored_tensors,
+)
 from vitcompress.config import to_dict
 from vitcompress.methods import get_method
 from vitcompress.methods.quant.convs import conv_names, fold_batchnorms, refold_structure
@@ -47,9 +56,10 @@ def _x() -> torch.Tensor:
     return torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
 
-def _save(model, out, method, cfg, meta, float16=True) -> None:
+def _save(model, out, method, cfg, meta, small_tensors="float16") -> None:
     save_artifact(model, out, {"model": STEM_SPEC.to_dict(),
-                               "steps": [{"method": method, "config": to_dict(cfg), "meta": meta}]}, float16=float16)
+                               "steps": [{"method": method, "config": to_dict(cfg), "meta": meta}]},
+                  small_tensors=small_tensors)
 
 
 def _dtypes(art) -> dict[str, str]:
@@ -132,7 +142,7 @@ def test_dynamic_gives_the_stem_weight_only_int8(tmp_path):
     out = get_method("ptq.dynamic").apply(model, cfg, None)
     convs = [m for m in out.model.modules() if isinstance(m, Int8Conv2d)]
     assert len(convs) == 4 and not any(isinstance(m, QuantConv2d) for m in convs)  # no input quantizer
-    _save(out.model, tmp_path / "d", "ptq.dynamic", cfg, out.meta, float16=False)
+    _save(out.model, tmp_path / "d", "ptq.dynamic", cfg, out.meta, small_tensors="float32")
     assert {d for k, d in _dtypes(tmp_path / "d").items() if k.endswith("weight_int8")} == {"I8"}
     loaded = load_artifact(tmp_path / "d")
     x = _x()
@@ -147,7 +157,7 @@ def test_float16_storage_halves_float_tensors_and_loads_as_float32(tmp_path):
     with torch.no_grad():
         model.pos_embed[0, 0, 0] = 1e6  # float16 overflows here: this tensor must stay float32
     save_artifact(model, tmp_path / "f32", spec)
-    save_artifact(model, tmp_path / "f16", spec, float16=True)
+    save_artifact(model, tmp_path / "f16", spec, small_tensors="float16")
     dtypes = _dtypes(tmp_path / "f16")
     assert dtypes["pos_embed"] == "F32" and dtypes["blocks.0.mlp.fc1.weight"] == "F16"
     state = read_state(tmp_path / "f32")
@@ -160,6 +170,77 @@ def test_float16_storage_halves_float_tensors_and_loads_as_float32(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0.05, rtol=0.01)
         assert not torch.equal(loaded(x), model(x))  # the file's rounding is in the loaded model
+
+
+def test_uint8_codes_bound_their_error():
+    torch.manual_seed(0)
+    steps = torch.rand(300).mul(3).exp2() * 1e-3  # positive, spanning a factor 8: a log2 grid
+    codes, params, grid = encode_uint8(steps)
+    assert grid == "log2" and codes.dtype == torch.uint8 and codes.shape == steps.shape
+    back = decode_uint8(codes, params, grid)
+    lo, hi = steps.log2().min(), steps.log2().max()
+    bound = 2 ** float((hi - lo) / 255 / 2) - 1  # half a grid step, as a ratio
+    assert ((back / steps - 1).abs() <= bound * 1.001 + 1e-6).all()
+    assert float(back.min()) == pytest.approx(float(steps.min()), rel=1e-5)  # the ends are on the grid
+    assert float(back.max()) == pytest.approx(float(steps.max()), rel=1e-5)
+    bias = torch.randn(4, 50)  # both signs: a uniform grid from min to max
+    codes, params, grid = encode_uint8(bias)
+    assert grid == "linear" and codes.shape == (4, 50)
+    err = (decode_uint8(codes, params, grid) - bias).abs().max()
+    assert err <= float(bias.max() - bias.min()) / 255 / 2 * 1.001
+    assert err > 0  # 200 random values are not all on the grid
+    flat = torch.full((20,), 0.25)  # one value: exact
+    assert torch.equal(decode_uint8(*encode_uint8(flat)), flat)
+    zeros = torch.zeros(20)  # not positive: the uniform grid, and still exact
+    assert encode_uint8(zeros)[2] == "linear" and torch.equal(decode_uint8(*encode_uint8(zeros)), zeros)
+
+
+def test_uint8_storage_codes_float_tensors_in_a_byte_and_loads_as_float32(tmp_path):
+    model = _stem_model()
+    spec = {"model": STEM_SPEC.to_dict(), "steps": []}
+    save_artifact(model, tmp_path / "f16", spec, small_tensors="float16")
+    save_artifact(model, tmp_path / "u8", spec, small_tensors="uint8")
+    stored = stored_tensors(tmp_path / "u8")
+    state = model.state_dict()
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        if value.numel() >= CODE_MIN_NUMEL:
+            assert stored[key + "::code"].dtype == torch.uint8 and key not in stored
+            assert stored[key + "::code"].numel() == value.numel()
+        else:  # a byte code and its two float32 numbers would cost more than float16
+            assert stored[key].dtype == torch.float16
+    # LayerNorm gains are all positive (log2 grid), the position embedding has both signs (uniform grid).
+    from vitcompress.artifact import WEIGHTS_FILE, _open
+
+    layout = _open(tmp_path / "u8" / WEIGHTS_FILE, lambda layout, f: layout)
+    assert layout["norm.weight"]["kind"] == "uint8_log2" and layout["pos_embed"]["kind"] == "uint8_linear"
+    floats = sum(v.numel() for v in state.values() if v.is_floating_point() and v.numel() >= CODE_MIN_NUMEL)
+    saved = size_on_disk(tmp_path / "f16") - size_on_disk(tmp_path / "u8")
+    assert saved > 0.95 * floats  # one byte less per coded value, less the two numbers and names per tensor
+    loaded = load_artifact(tmp_path / "u8")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = _x()
+    with torch.no_grad():
+        ref, out = model(x), loaded(x)
+        assert not torch.equal(out, ref)  # the file's rounding is in the loaded model
+        assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.99
+
+
+def test_small_tensor_storage_follows_the_chain():
+    from vitcompress.methods import parse_config
+    from vitcompress.study.recipe import Step
+    from vitcompress.study.runner import small_tensor_storage
+
+    def steps(*names_and_configs):
+        return tuple(Step(name, parse_config(name, cfg, "test")) for name, cfg in names_and_configs)
+
+    assert small_tensor_storage(()) == "float32"
+    assert small_tensor_storage(steps(("lowrank.svd", {"keep": 0.5}))) == "float32"
+    assert small_tensor_storage(steps(("ptq.dynamic", {}))) == "float16"
+    assert small_tensor_storage(steps(("qat.lsq", {}))) == "uint8"  # LSQ's default
+    assert small_tensor_storage(steps(("qat.lsq", {"small_tensors": "float16"}))) == "float16"
+    assert small_tensor_storage(steps(("lowrank.svd", {"keep": 0.5}), ("qat.lsq", {}))) == "uint8"
 
 
 def test_openvino_export_pads_quantized_convs_before_their_quantizer(tmp_path):

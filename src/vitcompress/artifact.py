@@ -2,11 +2,16 @@
 
 Quantized tensors are written as what they are, integer arrays (``int8``) with
 their scales and zero points, so the file's bytes are the model's real size
-and a reader can check the storage dtype. With ``float16=True`` (the study asks for
-it after a quantization step) the float32 tensors that remain, such as biases,
-scales, norms and the position embedding, are stored as float16 and widened back
-to float32 when read; the study measures the model read back from the file, so
-the rounding is in every reported number. Nothing is pickled: loading rebuilds
+and a reader can check the storage dtype. With ``small_tensors="float16"`` (the study
+asks for it after a quantization step) the float32 tensors that remain, such as
+biases, scales, norms and the position embedding, are stored as float16 and widened
+back to float32 when read. With ``small_tensors="uint8"`` (for 4-bit files, where those
+tensors are 10% of the bytes) each of them of at least ``CODE_MIN_NUMEL`` values is
+stored as one byte per value plus two float32 numbers (see :func:`encode_uint8`):
+on a log2 grid when all its values are positive (steps, scales, most LayerNorm
+gains: a constant *relative* error), on a uniform min..max grid otherwise. The
+study measures the model read back from the file, so the rounding is in every
+reported number. Nothing is pickled: loading rebuilds
 the module structure from ``meta.json`` (the model spec and each method step's
 ``restore``) and fills it with plain tensors, so an artifact cannot run code.
 
@@ -60,15 +65,46 @@ def _fits_float16(t: torch.Tensor) -> bool:
     return top <= _F16_MAX and not ((a >= top * 2**-10) & (a > 0) & (a < _F16_TINY)).any()
 
 
+SMALL_TENSORS = ("float32", "float16", "uint8")  # how save_artifact stores the float tensors it finds
+CODE_MIN_NUMEL = 16  # below this a byte code plus its two float32 numbers costs more than float16
+
+
+def encode_uint8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """One byte per value of a float tensor: ``(codes uint8, [offset, step] float32, grid)``.
+
+    ``grid`` is ``"log2"`` when every value is positive: ``code = round((log2 v - offset) / step)``,
+    so each value keeps its sign-free magnitude to a relative error of at most
+    ``2**(step / 2) - 1`` (0.5% for a tensor spanning a factor 10); otherwise ``"linear"``:
+    ``code = round((v - offset) / step)`` with offset the minimum and step ``(max - min) / 255``.
+    :func:`decode_uint8` inverts it.
+    """
+    v = t.detach().cpu().double().reshape(-1)
+    grid = "log2" if v.numel() and bool((v > 0).all()) else "linear"
+    if grid == "log2":
+        v = torch.log2(v)
+    lo, hi = (float(v.min()), float(v.max())) if v.numel() else (0.0, 0.0)
+    step = (hi - lo) / 255 if hi > lo else 1.0
+    codes = torch.round((v - lo) / step).clamp(0, 255).to(torch.uint8).view(t.shape)
+    return codes, torch.tensor([lo, step], dtype=torch.float32), grid
+
+
+def decode_uint8(codes: torch.Tensor, params: torch.Tensor, grid: str) -> torch.Tensor:
+    """The float32 tensor :func:`encode_uint8` coded (its values rounded to the grid)."""
+    lo, step = (float(x) for x in params)
+    v = lo + codes.double() * step
+    return (torch.exp2(v) if grid == "log2" else v).float()
+
+
 def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dict[str, Any],
-             float16: bool = False) -> None:
+             small: str = "float32") -> None:
+    float16 = small in ("float16", "uint8")
     if torch.is_tensor(value) and value.is_quantized:
         value = value.detach().cpu()
         tensors[key + _SEP + "int"] = value.int_repr().contiguous()
         if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             scales = value.q_per_channel_scales().to(torch.float32)
-            small = float16 and _fits_float16(scales)
-            tensors[key + _SEP + "scale"] = scales.to(torch.float16 if small else torch.float32).contiguous()
+            half = float16 and _fits_float16(scales)
+            tensors[key + _SEP + "scale"] = scales.to(torch.float16 if half else torch.float32).contiguous()
             layout[key] = {"kind": "qtensor_per_channel", "dtype": str(value.dtype), "axis": value.q_per_channel_axis()}
             zps = value.q_per_channel_zero_points()
             if bool((zps == 0).all()):
@@ -80,6 +116,12 @@ def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dic
             tensors[key + _SEP + "scale"] = torch.tensor([value.q_scale()], dtype=torch.float64)
             tensors[key + _SEP + "zero_point"] = torch.tensor([value.q_zero_point()], dtype=torch.int32)
             layout[key] = {"kind": "qtensor_per_tensor", "dtype": str(value.dtype)}
+    elif (torch.is_tensor(value) and small == "uint8" and value.dtype == torch.float32
+          and value.numel() >= CODE_MIN_NUMEL and bool(torch.isfinite(value).all())):
+        codes, params, grid = encode_uint8(value)
+        tensors[key + _SEP + "code"] = codes
+        tensors[key + _SEP + "grid"] = params
+        layout[key] = {"kind": "uint8_" + grid}
     elif torch.is_tensor(value) and float16 and value.dtype == torch.float32 and _fits_float16(value):
         # No layout entry (its name would cost bytes too): loading casts to the module's own dtype.
         tensors[key] = value.detach().cpu().to(torch.float16).contiguous()
@@ -88,7 +130,7 @@ def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dic
     elif isinstance(value, (tuple, list)):
         layout[key] = {"kind": "tuple" if isinstance(value, tuple) else "list", "len": len(value)}
         for i, item in enumerate(value):
-            _flatten(f"{key}{_SEP}{i}", item, tensors, layout, float16)
+            _flatten(f"{key}{_SEP}{i}", item, tensors, layout, small)
     elif value is None:
         layout[key] = {"kind": "none"}
     elif isinstance(value, torch.dtype):
@@ -120,6 +162,9 @@ def _unflatten(key: str, layout: dict[str, Any], f: Any) -> Any:
         zps = (torch.zeros(scales.shape, dtype=torch.int64) if entry.get("symmetric")
                else f.get_tensor(key + _SEP + "zero_point").to(torch.int64))
         return _make_q(ints, entry["dtype"], scales=scales, zero_points=zps, axis=int(entry["axis"]))
+    if kind in ("uint8_log2", "uint8_linear"):
+        return decode_uint8(f.get_tensor(key + _SEP + "code"), f.get_tensor(key + _SEP + "grid"),
+                            kind.removeprefix("uint8_"))
     if kind in ("tuple", "list"):
         items = [_unflatten(f"{key}{_SEP}{i}", layout, f) for i in range(int(entry["len"]))]
         return tuple(items) if kind == "tuple" else items
@@ -154,20 +199,23 @@ def _axis_shape(t: torch.Tensor, axis: int) -> list[int]:
 
 
 def save_artifact(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, Any], *,
-                  float16: bool = False) -> Path:
+                  small_tensors: str = "float32") -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/meta.json``; return the weights file.
 
-    ``float16``: store float32 tensors as float16 where float16 holds them (see the module doc).
+    ``small_tensors``: how the float32 tensors are stored, one of :data:`SMALL_TENSORS`:
+    as they are, as float16 where float16 holds them, or byte-coded (see the module doc).
 
     Both files are written to temporary names and renamed, so a crash never leaves
     a half-written artifact under the final name.
     """
+    if small_tensors not in SMALL_TENSORS:
+        raise ValueError(f"small_tensors must be one of {', '.join(SMALL_TENSORS)}, got {small_tensors!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layout: dict[str, Any] = {}
     for key, value in model.state_dict().items():
-        _flatten(key, value, tensors, layout, float16)
+        _flatten(key, value, tensors, layout, small_tensors)
     _write_weights(tensors, layout, out / WEIGHTS_FILE)
     tmp_meta = out / (META_FILE + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))

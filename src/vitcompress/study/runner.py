@@ -70,6 +70,21 @@ def _final_model_name(meta: dict[str, Any], default: str) -> str:
     return name
 
 
+def small_tensor_storage(steps: tuple[Step, ...]) -> str:
+    """How a chain's artifact stores the float tensors left in it (``save_artifact``'s ``small_tensors``).
+
+    float32 for a float chain; float16 after a step that produced integer weights (biases, norms,
+    scales, embeddings: next to 8-bit or fewer weights their rounding is noise, and the file is what
+    ships); uint8 codes where a step's config asks for them (``qat.lsq``'s ``small_tensors``).
+    """
+    asked = {getattr(s.config, "small_tensors", None) for s in steps}
+    if "uint8" in asked:
+        return "uint8"
+    if "float16" in asked or any(get_method(s.method).produces_int_weights for s in steps):
+        return "float16"
+    return "float32"
+
+
 def _check_finite(model: nn.Module, example: torch.Tensor, what: str) -> None:
     """Refuse (before it is saved) a model whose outputs are NaN or inf: a diverged or broken step."""
     with torch.inference_mode():
@@ -217,9 +232,7 @@ class Study:
             "macs": macs if macs is not None else parent_meta.get("macs"),
         }
         if dist.is_main():
-            # After a quantization step the float tensors left (biases, norms, scales, embeddings) are stored
-            # as float16: next to 8-bit or fewer weights their rounding is noise, and the file is what ships.
-            save_artifact(model, art, meta, float16=any(get_method(s.method).produces_int_weights for s in steps))
+            save_artifact(model, art, meta, small_tensors=small_tensor_storage(steps))
         dist.barrier()
         return load_artifact(art), art
 

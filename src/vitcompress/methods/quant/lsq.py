@@ -29,9 +29,9 @@ the trained baseline by default or from a re-initialised model (``from_scratch``
 BatchNorms as they are. Export replaces each trained layer with a :class:`LsqPackedLinear`
 or :class:`LsqPackedConv2d` whose state holds the integer weights bit-packed into a
 ``uint8`` buffer (two 4-bit values per byte, see :mod:`.packing`), the step(s) and the
-float bias, so the saved file's bytes are the packed size; the position embedding,
-class token, norms, steps and biases are stored as float16 by the study (see
-:func:`vitcompress.artifact.save_artifact`). Their forward unpacks and dequantizes the weights on
+float bias, so the saved file's bytes are the packed size; the study stores the position
+embedding, norms, steps and biases in one byte per value (``small_tensors: uint8``, see
+:mod:`vitcompress.artifact`; float16 on request). Their forward unpacks and dequantizes the weights on
 the fly and multiplies (or convolves) in float: ``int_arithmetic`` is false for this
 row, and its CPU speed includes the unpacking.
 """
@@ -69,6 +69,10 @@ class LsqConfig:
     train_subset: int | None = None  # None: the baseline's
     from_scratch: bool = False  # re-initialise all weights before QAT (the study trained DiffQ this way)
     calib_images: int = 64  # images whose first batch initialises the activation steps
+    # How the study's file stores the float tensors left (steps, biases, norms, position embedding):
+    # "uint8" codes them in one byte each (a log2 grid for the positive steps), "float16" in two. They are
+    # 10% of a 4-bit vitc_small file in float16; every reported number is measured on the file read back.
+    small_tensors: str = "uint8"
 
     def __post_init__(self) -> None:
         check(2 <= self.bits <= 8, f"bits must be in 2..8, got {self.bits}")
@@ -77,6 +81,8 @@ class LsqConfig:
         check(self.lr is None or 0 < self.lr < 10, f"lr must be in (0, 10) or null, got {self.lr}")
         check(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1 or null")
         check(self.calib_images >= 1, f"calib_images must be >= 1, got {self.calib_images}")
+        check(self.small_tensors in ("uint8", "float16"),
+              f"small_tensors must be uint8 or float16, got {self.small_tensors!r}")
 
 
 def signed_range(bits: int) -> tuple[int, int]:
