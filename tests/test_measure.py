@@ -51,9 +51,14 @@ def test_macs_of_a_linear_layer() -> None:
 def test_macs_and_params_of_a_vit() -> None:
     model = create_model(ModelSpec("vitc_micro"))
     macs = count_macs(model, torch.randn(2, 1, 28, 28))
-    # Every Linear weight is used once per token (17 tokens), the head once: a lower bound.
+    # By hand: the 7x7-patch projection once per patch (16), every block Linear once per token (17),
+    # the head once, and per block q.k^T and attn.v, 17 x 17 x width each (the fused attention kernel's
+    # matmuls, which the counter alone would miss).
+    tokens, width, blocks = 17, model.embed_dim, len(model.blocks)
     lin = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head")
-    assert macs >= lin * 17
+    want = 16 * model.patch_embed.proj.weight.numel() + lin * tokens + model.head.weight.numel()
+    want += blocks * 2 * tokens * tokens * width
+    assert macs == want
     assert count_params(model) == sum(p.numel() for p in model.parameters())
 
 
