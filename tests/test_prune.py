@@ -29,6 +29,7 @@ from vitcompress.train import TrainConfig
 
 MICRO = ModelSpec("vitc_micro")
 QUICK = ModelSpec("vitc_quick")
+STEM = ModelSpec("vitc_small", kwargs={"depth": 2, "stem": [8, 16, 24]})  # a conv stem, 3x3 convs 8-16-24
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,18 +54,18 @@ def _ctx(tmp_path, teacher: nn.Module | None = None) -> StepContext:
                        teacher=teacher, calib_images=64, progress=False)
 
 
-def _plan(model: nn.Module, ratio: float, attention: str | None):
-    groups = find_groups(model)
+def _plan(model: nn.Module, ratio: float, attention: str | None, stem: bool = False, ranking: str = "global"):
+    groups = find_groups(model, stem=stem)
     mags = magnitude_importance(model, groups)
     return plan_pruning(groups, mags, mags, ratio=ratio, total_params=_params(model), attention=attention,
-                        min_keep=0.1)
+                        min_keep=0.1, ranking=ranking)
 
 
 def _expected_params(model: nn.Module, plans) -> int:
     """Parameters left, counted by hand from the kept dims: a (head, dim) owns 3 rows + 3 biases of qkv and a
     column of proj; an MLP channel a row + bias of fc1 and a column of fc2."""
     left = _params(model)
-    for blk, plan in zip(model.blocks, plans):
+    for blk, plan in zip(model.blocks, plans.blocks):
         dim = blk.attn.qkv.in_features
         per_dim = 3 * dim + 3 + blk.attn.proj.out_features
         old = blk.attn.num_heads * blk.attn.head_dim
@@ -87,17 +88,17 @@ def test_parameter_count_matches_the_plan_and_the_ratio(attention, ratio) -> Non
     achieved = removed / _params(model)
     assert abs(achieved - ratio) <= 0.02 * ratio
     if attention is None:
-        assert all(len(p.heads) == 4 and len(p.dims[0]) == 24 for p in plans)
+        assert all(len(p.heads) == 4 and len(p.dims[0]) == 24 for p in plans.blocks)
     if attention == "head":
-        assert all(len(p.dims[0]) == 24 for p in plans)  # whole heads go, dims never
+        assert all(len(p.dims[0]) == 24 for p in plans.blocks)  # whole heads go, dims never
     if attention == "dim":
-        assert all(len(p.heads) == 4 for p in plans)  # heads stay, dims go
+        assert all(len(p.heads) == 4 for p in plans.blocks)  # heads stay, dims go
 
 
 def test_floor_keeps_every_layer_and_refuses_impossible_ratios() -> None:
     model = _model(QUICK)
     plans, _ = _plan(model, 0.8, "head")
-    assert all(len(p.heads) >= 1 and len(p.mlp) >= math.ceil(0.1 * 384) for p in plans)
+    assert all(len(p.heads) >= 1 and len(p.mlp) >= math.ceil(0.1 * 384) for p in plans.blocks)
     with pytest.raises(VitcompressError, match="lower ratio or min_keep"):
         _plan(model, 0.95, "head")
 
@@ -131,7 +132,7 @@ def test_pruned_model_is_consistent_and_equals_masking(attention) -> None:
     install_gates(masked, groups)
     with torch.no_grad():
         for g, gate in zip(groups, installed_gates(masked, groups)):
-            plan = plans[g.block]
+            plan = plans.blocks[g.block]
             gate.gate.zero_()
             if g.kind == "mlp":
                 gate.gate[list(plan.mlp)] = 1
@@ -170,6 +171,129 @@ def test_pruned_model_exports_to_onnx(tmp_path) -> None:
             want = pruned(x).numpy()
         assert got.shape == (batch, 10)
         assert abs(got - want).max() < 1e-4
+
+
+def _with_trained_batchnorm_stats(model: nn.Module) -> nn.Module:
+    """Give the stem's BatchNorms running statistics and affine values that are not the identity."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def test_stem_channels_are_cut_with_the_blocks_and_equal_masking(tmp_path) -> None:
+    model = _with_trained_batchnorm_stats(_model(STEM))
+    plan, removed = _plan(model, 0.4, "dim", stem=True, ranking="layer")  # every layer, the stem's too, loses some
+    assert len(plan.stem) == 3 and all(len(k) < c for k, c in zip(plan.stem, (8, 16, 24)))
+    pruned = apply_plans(copy.deepcopy(model), plan)
+    # Parameters by hand: a stem channel owns its 3x3 filter (in x 9), its BatchNorm gain and shift, and the
+    # next conv's input slice (out x kernel); the blocks as in _expected_params.
+    layers = model.patch_embed.proj.layers
+    stem_removed = 0
+    for k, (c, kept) in enumerate(zip((0, 3, 6), plan.stem)):
+        nxt = layers[c + 3]
+        per_channel = layers[c].in_channels * 9 + 2 + nxt.out_channels * nxt.kernel_size[0] * nxt.kernel_size[1]
+        gone = layers[c].out_channels - len(kept)
+        # The previous conv's cut already shrank this conv's input: those weights are not counted twice.
+        if k:
+            per_channel -= (layers[c].in_channels - len(plan.stem[k - 1])) * 9
+        stem_removed += gone * per_channel
+    assert _params(pruned) == _expected_params(model, plan) - stem_removed == _params(model) - removed
+    assert abs(removed / _params(model) - 0.4) <= 0.02 * 0.4
+    new = pruned.patch_embed.proj
+    assert new.channels == tuple(len(k) for k in plan.stem)
+    assert [new.layers[c].out_channels for c in (0, 3, 6)] == list(new.channels)
+    assert [new.layers[b].num_features for b in (1, 4, 7)] == list(new.channels)
+    # The cut equals the unpruned model with the removed channels gated to zero.
+    masked = copy.deepcopy(model)
+    groups = find_groups(masked, stem=True)
+    install_gates(masked, groups)
+    with torch.no_grad():
+        for g, gate in zip(groups, installed_gates(masked, groups)):
+            gate.gate.zero_()
+            if g.kind == "stem":
+                gate.gate[list(plan.stem[g.block])] = 1
+            elif g.kind == "mlp":
+                gate.gate[list(plan.blocks[g.block].mlp)] = 1
+            else:
+                bp = plan.blocks[g.block]
+                for h, dims in zip(bp.heads, bp.dims):
+                    gate.gate.view(g.shape)[h, list(dims)] = 1
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.inference_mode():
+            torch.testing.assert_close(pruned(x), masked(x), atol=2e-5, rtol=1e-4)
+    # The step's meta rebuilds the same shapes on a fresh model, and the saved file shrinks.
+    from vitcompress.methods.prune.cut import plan_from_meta, plan_to_meta
+
+    meta = plan_to_meta(plan)
+    assert [k["channels"] for k in meta["stem_plan"]] == list(new.channels)
+    rebuilt = apply_plans(_model(STEM), plan_from_meta(meta))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+    save_artifact(model, tmp_path / "base", {})
+    save_artifact(pruned, tmp_path / "pruned", {})
+    assert abs(size_on_disk(tmp_path / "pruned") / size_on_disk(tmp_path / "base") - 0.6) < 0.02
+
+
+def test_stem_pruning_runs_end_to_end_and_restores(tmp_path) -> None:
+    model = _with_trained_batchnorm_stats(_model(STEM))
+    spec = STEM
+    cfg = from_dict(get_method("prune.structured").config_cls,
+                    {"ratio": 0.3, "importance": "kl", "head_unit": "dim", "stem": True, "ranking": "layer",
+                     "calib_batches": 1,
+                     "kl_chunks": 4, "finetune_epochs": 1}, "test")
+    out = get_method("prune.structured").apply(model, cfg, _ctx(tmp_path))
+    stem = out.model.patch_embed.proj
+    assert sum(stem.channels) < 8 + 16 + 24
+    kinds = {g["kind"] for g in out.meta["importance"]["groups"]}
+    assert kinds == {"stem", "attn", "mlp"}
+    stem_scores = [v for g in out.meta["importance"]["groups"] if g["kind"] == "stem" for v in g["scores"]]
+    assert all(v >= 0 for v in stem_scores) and max(stem_scores) > 0  # KL of a stem channel: run from the input
+    steps = [{"method": "prune.structured", "config": to_dict(cfg), "meta": out.meta}]
+    save_artifact(out.model, tmp_path / "art", {"model": spec.to_dict(), "steps": steps})
+    loaded = load_artifact(tmp_path / "art")
+    assert loaded.patch_embed.proj.channels == stem.channels
+    x = torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), out.model(x))
+    plot = plot_importance(out.meta, tmp_path / "fig3.png")
+    assert plot.stat().st_size > 0
+
+
+def test_stem_pruning_on_a_model_without_a_stem_says_so() -> None:
+    with pytest.raises(VitcompressError, match="plain patch projection.*stem: false"):
+        find_groups(_model(MICRO), stem=True)
+
+
+def test_taylor_score_of_a_stem_channel_is_the_squared_derivative_of_scaling_it() -> None:
+    # sum_b dL/dw_b * w_b over the channel's filter, BatchNorm gain and shift and the next conv's input slice
+    # equals dL/d(alpha) when all of them are scaled by alpha.
+    model = _with_trained_batchnorm_stats(_model(STEM))
+    groups = find_groups(model, stem=True)
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    scores = taylor_importance(model, groups, [(x, y)])
+    ch = 5
+    alpha = torch.ones((), requires_grad=True)
+    names = ["patch_embed.proj.layers.3.weight", "patch_embed.proj.layers.4.weight", "patch_embed.proj.layers.4.bias",
+             "patch_embed.proj.layers.6.weight"]
+    params = dict(model.named_parameters())
+    scaled = {}
+    for name, axis in zip(names, (0, 0, 0, 1)):
+        p = params[name].detach().clone()
+        shape = [1] * p.dim()
+        shape[axis] = -1
+        r = torch.ones(p.shape[axis])
+        r[ch] = 0
+        scaled[name] = p * (r + (1 - r) * alpha).view(shape)
+    loss = F.cross_entropy(torch.func.functional_call(model, scaled, (x,)), y)
+    (grad,) = torch.autograd.grad(loss, alpha)
+    assert groups[1].kind == "stem" and groups[1].block == 1
+    assert scores[1].units[ch].item() == pytest.approx(grad.item() ** 2, rel=1e-3)
 
 
 def test_taylor_score_equals_a_hand_computation() -> None:

@@ -101,6 +101,26 @@ def test_prefix_keys_depend_on_baseline_and_steps() -> None:
     assert a.prefix_key(()) != a.prefix_key(steps)
 
 
+def test_a_late_option_at_its_default_keeps_cache_keys_and_finished_rows() -> None:
+    from vitcompress.config import to_dict
+    from vitcompress.study.runner import _step_keys
+
+    d = tiny_recipe_dict()
+    d["experiments"] = [{"name": "P", "steps": [{"prune.structured": {"ratio": 0.2}}]},
+                        {"name": "P stem", "steps": [{"prune.structured": {"ratio": 0.2, "stem": True}}]}]
+    r = parse_recipe(d)
+    plain, stem = r.experiments[0].steps, r.experiments[1].steps
+    assert "stem" in plain[0].to_dict()["config"]  # rows and artifacts record every option
+    assert "stem" not in plain[0].key_dict()["config"] and stem[0].key_dict()["config"]["stem"] is True
+    assert r.prefix_key(plain) != r.prefix_key(stem)
+    # A row written before the option existed has the key of the option at its default: it is not re-run.
+    before = plain[0].to_dict()
+    del before["config"]["stem"]
+    assert _step_keys([before]) == [plain[0].key_dict()] != _step_keys([stem[0].to_dict()])
+    # A stored option that no longer exists makes the row stale instead of failing.
+    assert _step_keys([{"method": "prune.structured", "config": {**to_dict(plain[0].config), "gone": 1}}]) is None
+
+
 def test_yaml_errors_are_one_line(tmp_path) -> None:
     p = tmp_path / "bad.yaml"
     p.write_text("name: x\nbaseline: [unclosed\n")

@@ -122,6 +122,20 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return typing.cast(dict, _plain(dataclasses.asdict(obj)))
 
 
+# Field metadata of an option added after results were cached with its default's behaviour: such a field
+# is left out of cache keys while at its default, so adding it does not re-run finished studies.
+LATE = {"late": True}
+
+
+def key_dict(obj: Any) -> dict[str, Any]:
+    """:func:`to_dict` less the :data:`LATE` fields at their defaults: what identifies a config's results."""
+    out = to_dict(obj)
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("late") and getattr(obj, f.name) == f.default:
+            out.pop(f.name)
+    return out
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

@@ -63,7 +63,7 @@ def results(work: Path) -> dict[str, torch.Tensor]:
             out[f"{criterion}-{unit}/{j}.units"] = s.units
             if s.heads is not None:
                 out[f"{criterion}-{unit}/{j}.heads"] = s.heads
-        for b, plan in enumerate(plans):
+        for b, plan in enumerate(plans.blocks):
             out[f"{criterion}-{unit}/plan{b}.heads"] = torch.tensor(plan.heads)
             out[f"{criterion}-{unit}/plan{b}.dims"] = torch.tensor(plan.dims)
             out[f"{criterion}-{unit}/plan{b}.mlp"] = torch.tensor(plan.mlp)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..config import check, from_dict, to_dict
+from ..config import check, from_dict, key_dict, to_dict
 from ..data import DATASETS
 from ..errors import VitcompressError
 from ..measure import MeasureConfig
@@ -69,6 +69,10 @@ class Step:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "config": to_dict(self.config)}
 
+    def key_dict(self) -> dict[str, Any]:
+        """What identifies the step's result (``config.key_dict``): cache keys and finished rows compare this."""
+        return {"method": self.method, "config": key_dict(self.config)}
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -110,7 +114,7 @@ class Recipe:
 
     def prefix_key(self, steps: tuple[Step, ...]) -> str:
         """Fingerprint of the baseline plus a chain prefix: equal prefixes share one artifact."""
-        return _digest({"baseline": self.baseline_key(), "steps": [s.to_dict() for s in steps]})
+        return _digest({"baseline": self.baseline_key(), "steps": [s.key_dict() for s in steps]})
 
 
 _TOP_KEYS = {"name", "description", "seed", "data", "baseline", "measure", "experiments", "search"}

@@ -43,7 +43,7 @@ from ..measure import (
     gpu_speed,
     uses_integer_kernels,
 )
-from ..methods import get_method
+from ..methods import get_method, parse_config
 from ..models import create_model
 from .context import StepContext
 from .recipe import Experiment, Recipe, Step
@@ -68,6 +68,15 @@ def _final_model_name(meta: dict[str, Any], default: str) -> str:
         if isinstance(student, dict) and student.get("name"):
             name = student["name"]
     return name
+
+
+def _step_keys(stored: Any) -> list[dict[str, Any]] | None:
+    """The ``Step.key_dict`` of each step a finished row stored (written by this or an earlier version);
+    None when one no longer parses (a removed or renamed option): the row is then re-run."""
+    try:
+        return [Step(s["method"], parse_config(s["method"], s["config"], "results")).key_dict() for s in stored]
+    except (VitcompressError, KeyError, TypeError):
+        return None
 
 
 def small_tensor_storage(steps: tuple[Step, ...]) -> str:
@@ -359,7 +368,7 @@ class Study:
         out = []
         for exp in (Experiment(self.recipe.baseline.name, ()), *self.recipe.experiments):
             prev = done.get(exp.name)
-            if prev is not None and prev.get("steps") == [s.to_dict() for s in exp.steps]:
+            if prev is not None and _step_keys(prev.get("steps")) == [s.key_dict() for s in exp.steps]:
                 self.log(f"✓ {exp.name}: already measured, skipped")
             else:
                 out.append(exp)

@@ -32,8 +32,8 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from ...errors import VitcompressError
-from .groups import attention_cut_supported
-from .select import BlockPlan
+from .groups import STEM, attention_cut_supported, stem_convs
+from .select import BlockPlan, PrunePlan
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -91,14 +91,57 @@ def cut_mlp(mlp: nn.Module, keep: tuple[int, ...]) -> None:
     mlp.fc2 = _linear(fc2.weight.detach()[:, idx], fc2.bias.detach() if fc2.bias is not None else None)
 
 
-def apply_plans(model: nn.Module, plans: list[BlockPlan]) -> nn.Module:
-    """Cut every block of ``model`` (a timm VisionTransformer) to its plan, in place; returns the model."""
-    if len(plans) != len(model.blocks):
-        raise VitcompressError(f"pruning plan has {len(plans)} blocks, the model {len(model.blocks)}; "
+def _conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    out = nn.Conv2d(weight.shape[1], weight.shape[0], like.kernel_size, like.stride, like.padding, like.dilation,
+                    bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out
+
+
+def cut_stem(model: nn.Module, keep: tuple[tuple[int, ...], ...]) -> None:
+    """Keep only the channels ``keep[k]`` of each prunable stem conv k (its filters, its BatchNorm's entries,
+    the next conv's input slices), in place; the stem's ``channels`` follow."""
+    convs = stem_convs(model)
+    if len(keep) != len(convs):
+        raise VitcompressError(f"pruning plan has {len(keep)} stem convs, the model {len(convs)}; "
                                "the artifact does not match its model")
-    for blk, plan in zip(model.blocks, plans):
-        blk.attn = cut_attention(blk.attn, plan.heads, plan.dims)
-        cut_mlp(blk.mlp, plan.mlp)
+    stem = model.get_submodule(STEM)
+    layers = stem.layers
+    for (c, b), kept in zip(convs, keep):
+        conv, bn, nxt = layers[c], layers[b], layers[c + 3]
+        if not kept:
+            raise VitcompressError("a pruning plan must keep at least one channel of every stem conv")
+        if len(kept) == conv.out_channels:
+            continue
+        idx = torch.tensor(kept)
+        layers[c] = _conv(conv, conv.weight.detach()[idx], conv.bias.detach()[idx] if conv.bias is not None else None)
+        new_bn = nn.BatchNorm2d(len(kept), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                                track_running_stats=bn.track_running_stats,
+                                device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(bn, name) is not None:
+                    getattr(new_bn, name).copy_(getattr(bn, name)[idx])
+            new_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
+        layers[b] = new_bn.train(bn.training)
+        layers[c + 3] = _conv(nxt, nxt.weight.detach()[:, idx], nxt.bias.detach() if nxt.bias is not None else None)
+    stem.channels = tuple(layers[c].out_channels for c, _ in convs)
+
+
+def apply_plans(model: nn.Module, plan: PrunePlan) -> nn.Module:
+    """Cut ``model`` (a timm VisionTransformer) to ``plan``, in place: every block, and the stem where the plan
+    has one; returns the model."""
+    if len(plan.blocks) != len(model.blocks):
+        raise VitcompressError(f"pruning plan has {len(plan.blocks)} blocks, the model {len(model.blocks)}; "
+                               "the artifact does not match its model")
+    if plan.stem:
+        cut_stem(model, plan.stem)
+    for blk, bp in zip(model.blocks, plan.blocks):
+        blk.attn = cut_attention(blk.attn, bp.heads, bp.dims)
+        cut_mlp(blk.mlp, bp.mlp)
     return model
 
 
@@ -126,16 +169,24 @@ def parse_ranges(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def plans_to_meta(plans: list[BlockPlan]) -> list[dict[str, Any]]:
-    """JSON for a step's meta: the shapes per block and the kept indices as ranges."""
-    return [{"num_heads": len(p.heads), "head_dim": len(p.dims[0]), "mlp_hidden": len(p.mlp),
-             "heads": ranges(p.heads), "dims": [ranges(d) for d in p.dims], "mlp": ranges(p.mlp)}
-            for p in plans]
+def plan_to_meta(plan: PrunePlan) -> dict[str, Any]:
+    """JSON for a step's meta: ``plan``, the shapes per block and the kept indices as ranges, and, when the
+    stem was pruned, ``stem_plan``, the kept channels of each stem conv."""
+    out: dict[str, Any] = {"plan": [
+        {"num_heads": len(p.heads), "head_dim": len(p.dims[0]), "mlp_hidden": len(p.mlp),
+         "heads": ranges(p.heads), "dims": [ranges(d) for d in p.dims], "mlp": ranges(p.mlp)}
+        for p in plan.blocks]}
+    if plan.stem:
+        out["stem_plan"] = [{"channels": len(k), "kept": ranges(k)} for k in plan.stem]
+    return out
 
 
-def plans_from_meta(blocks: list[dict[str, Any]]) -> list[BlockPlan]:
+def plan_from_meta(meta: dict[str, Any]) -> PrunePlan:
+    """The :class:`PrunePlan` that :func:`plan_to_meta` wrote (meta without ``stem_plan``: blocks only)."""
     try:
-        return [BlockPlan(parse_ranges(b["heads"]), tuple(parse_ranges(d) for d in b["dims"]),
-                          parse_ranges(b["mlp"])) for b in blocks]
+        blocks = tuple(BlockPlan(parse_ranges(b["heads"]), tuple(parse_ranges(d) for d in b["dims"]),
+                                 parse_ranges(b["mlp"])) for b in meta["plan"])
+        stem = tuple(parse_ranges(k["kept"]) for k in meta.get("stem_plan", []))
     except (KeyError, TypeError, ValueError) as exc:
         raise VitcompressError(f"pruning meta is malformed ({exc}); delete the artifact and re-run") from None
+    return PrunePlan(blocks, stem)

@@ -104,7 +104,7 @@ def train_gates(model: nn.Module, cfg: GatePruneConfig, ctx: Any) -> tuple[nn.Mo
 def prune_gates(model: nn.Module, cfg: GatePruneConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model)
     teacher = _teacher(ctx, model, cfg)
-    groups = find_groups(model)
+    groups = find_groups(model, stem=cfg.stem)
     install_gates(model, groups)
     model, history = train_gates(model, cfg, ctx)
     gates = gate_importance(model, groups)

@@ -1,8 +1,8 @@
 """How important each prunable unit is: Taylor (eq. 7), KL (eq. 8), weight magnitude, learned gate.
 
 Every criterion returns, per coupled group (``groups.py``), a score for each unit
-(attention (head, dim) or MLP channel) and, for attention, a score for each whole
-head. Higher means more important; the ranking in ``select.py`` removes the lowest.
+(attention (head, dim), MLP channel or conv-stem channel) and, for attention, a score
+for each whole head. Higher means more important; the ranking in ``select.py`` removes the lowest.
 
 * ``taylor`` - the study's eq. 7, the first-order Taylor estimate of the loss
   change when a group B is removed (Molchanov et al. 2019):
@@ -127,8 +127,9 @@ class _Tail:
         self.inputs: list[torch.Tensor] = []
         self.split = all(hasattr(model, a) for a in ("norm", "forward_head"))
 
-    def logits(self, block: int) -> list[torch.Tensor]:
-        if not self.split:
+    def logits(self, block: int | None) -> list[torch.Tensor]:
+        """Logits with the model's current gates, run from block ``block`` on (``None``: from the input)."""
+        if not self.split or block is None:
             return [self.model(x) for x in self.images]
         if block != self.block:
             self._cache(block)
@@ -160,7 +161,7 @@ def kl_importance(model: nn.Module, groups: list[CoupledGroup], batches: Iterabl
     gates = install_gates(model, groups)
     tail = _Tail(model, images)
 
-    def kl_without(gate: torch.Tensor, index: tuple[torch.Tensor, ...] | torch.Tensor, block: int) -> float:
+    def kl_without(gate: torch.Tensor, index: tuple[torch.Tensor, ...] | torch.Tensor, block: int | None) -> float:
         gate[index] = 0.0
         total = sum(F.kl_div(F.log_softmax(z.double(), -1), r, log_target=True, reduction="sum").item()
                     for z, r in zip(tail.logits(block), ref))
@@ -189,7 +190,9 @@ def kl_importance(model: nn.Module, groups: list[CoupledGroup], batches: Iterabl
                     index: tuple[torch.Tensor, ...] | torch.Tensor = (rows, order[:, ranks])
                 else:
                     index = order[ranks]
-                units[index] = kl_without(gate, index, g.block) / units[index].numel()
+                # A stem channel changes every block's input: run the whole model for it.
+                start = None if g.kind == "stem" else g.block
+                units[index] = kl_without(gate, index, start) / units[index].numel()
     finally:
         remove_gates(model, groups, fold=False)
         model.to(home).train(was_training)

@@ -12,6 +12,8 @@ layer that the coupled group feeds:
   q, k, v and proj. k stays ungated: gating it too would put ``g**2`` on the logit.
 * MLP: ``fc2`` gates its input, i.e. the hidden units after the activation
   (a gate before GELU would not scale the unit's output linearly).
+* conv stem: the conv after a pruned conv gates its input channels, after the
+  BatchNorm and ReLU (zero padding scales with the channel, so this too is linear).
 
 Both are ``nn.Linear`` subclasses that take the original weight tensors, swapped in
 per instance; :func:`remove_gates` swaps plain ``nn.Linear`` back, folding the gate
@@ -108,7 +110,42 @@ class InputGatedLinear(_GatedLinear):
         return out
 
 
-GatedLinear = QVGatedLinear | InputGatedLinear
+class InputGatedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (the next conv of a stem) whose input channels are each scaled by a gate."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> InputGatedConv2d:
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
+                  dtype=conv.weight.dtype)
+        new.weight, new.bias = conv.weight, conv.bias
+        new.gate = nn.Parameter(torch.ones(conv.in_channels, device=conv.weight.device, dtype=conv.weight.dtype))
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x * self.gate[:, None, None], self.weight, self.bias)  # x: (B, C, H, W)
+
+    def _empty_conv(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                         device=self.weight.device, dtype=self.weight.dtype)
+
+    def plain(self) -> nn.Conv2d:
+        out = self._empty_conv()
+        out.weight, out.bias = self.weight, self.bias
+        return out
+
+    def folded(self) -> nn.Conv2d:
+        out = self._empty_conv()
+        with torch.no_grad():
+            out.weight.copy_(self.weight * self.gate.detach()[None, :, None, None])
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+
+GatedLinear = QVGatedLinear | InputGatedLinear | InputGatedConv2d
+_GATED = (QVGatedLinear, InputGatedLinear, InputGatedConv2d)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -124,6 +161,8 @@ def install_gates(model: nn.Module, groups: list[CoupledGroup]) -> list[GatedLin
         if group.kind == "attn":
             heads, head_dim = group.shape
             gated: GatedLinear = QVGatedLinear.from_linear(linear, heads, head_dim)
+        elif group.kind == "stem":
+            gated = InputGatedConv2d.from_conv(linear)
         else:
             gated = InputGatedLinear.from_linear(linear)
         _set_module(model, group.gate_site, gated)
@@ -136,7 +175,7 @@ def installed_gates(model: nn.Module, groups: list[CoupledGroup]) -> list[GatedL
     out = []
     for group in groups:
         mod = model.get_submodule(group.gate_site)
-        if not isinstance(mod, (QVGatedLinear, InputGatedLinear)):
+        if not isinstance(mod, _GATED):
             raise RuntimeError(f"{group.gate_site} carries no gate")  # a bug: gates were not installed
         out.append(mod)
     return out
@@ -151,5 +190,5 @@ def remove_gates(model: nn.Module, groups: list[CoupledGroup], *, fold: bool) ->
 
 def gate_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     for mod in model.modules():
-        if isinstance(mod, (QVGatedLinear, InputGatedLinear)):
+        if isinstance(mod, _GATED):
             yield mod.gate

@@ -26,6 +26,8 @@ _SERIES = (  # (kind, pruned?) -> label, colour
     (("mlp", True), "MLP channels, pruned", "#a6bddb"),
     (("attn", False), "attention, kept", "#dd8452"),
     (("attn", True), "attention, pruned", "#fdd0a2"),
+    (("stem", False), "stem channels, kept", "#55a868"),
+    (("stem", True), "stem channels, pruned", "#b5dfb0"),
 )
 
 

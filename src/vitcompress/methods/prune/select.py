@@ -11,6 +11,9 @@ estimates a loss change (Taylor, KL, magnitude). Learned gates are no such
 estimate: VTP hardens them at one threshold on the gate value, so for them
 (``per="unit"``) a head or slot ranks by its mean gate and a channel by its gate.
 Ties (e.g. the units of one KL chunk) are broken by weight magnitude per parameter.
+Adjacent conv-stem channels share weights (``CoupledGroup.shared``): the budget counts
+what a channel removes given the channels already gone, so the parameters removed are
+exact; its ranking key divides by the channel's full cost.
 
 * ``global`` ranking: one ranking across all layers (Torch-Pruning's global pruning).
 * ``layer`` ranking: every layer first loses the same fraction of its prunable
@@ -51,6 +54,15 @@ class BlockPlan:
     mlp: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a pruned ViT keeps: a :class:`BlockPlan` per block and, if its conv stem was pruned, the kept
+    output channels of each prunable stem conv (``groups.stem_convs``), in stem order."""
+
+    blocks: tuple[BlockPlan, ...]
+    stem: tuple[tuple[int, ...], ...] = ()
+
+
 @dataclass
 class _Queue:
     """One layer's removable units, least important first, removed strictly in this order."""
@@ -61,6 +73,11 @@ class _Queue:
     cost: int
     items: list[tuple[int, ...]]  # what each entry removes: a head, a slot (its dim in every head) or a channel
     taken: int = 0
+    shared: tuple[tuple[int, int], ...] = ()  # (queue index, parameters shared per unit pair), see CoupledGroup
+
+    def next_cost(self, queues: list[_Queue]) -> int:
+        """Parameters the next unit removes: its own, less those already gone with the units of a neighbour."""
+        return self.cost - sum(queues[qi].taken * per_pair for qi, per_pair in self.shared)
 
 
 def _order(score: torch.Tensor, tiebreak: torch.Tensor) -> list[int]:
@@ -97,9 +114,12 @@ def _queues(groups: list[CoupledGroup], scores: list[GroupScores], mags: list[Gr
             order = _order(s.units, m.units)
             keys = [(s.units[i].item() / div, m.units[i].item() / cost) for i in order]
             items = [(i,) for i in order]
-        unit = "channel" if g.kind == "mlp" else ("head" if attention == "head" else "slot")
+        unit = "channel" if g.kind != "attn" else ("head" if attention == "head" else "slot")
         keep = max(1, math.ceil(min_keep * n))
         queues.append(_Queue(gi, unit, keys[: n - keep], cost, items[: n - keep]))
+    at = {q.group: qi for qi, q in enumerate(queues)}
+    for q in queues:
+        q.shared = tuple((at[gi], per_pair) for gi, per_pair in groups[q.group].shared if gi in at)
     return queues
 
 
@@ -111,11 +131,12 @@ def _take(queues: list[_Queue], budget: int, limits: list[int] | None = None) ->
     while heap:
         _, qi = heapq.heappop(heap)
         q = queues[qi]
+        cost = q.next_cost(queues)
         over_layer = limits is not None and (q.taken + 1) * q.cost > limits[qi]
-        if removed + q.cost > budget or over_layer:
+        if removed + cost > budget or over_layer:
             continue  # this layer's next unit does not fit; the layer stays where it is
         q.taken += 1
-        removed += q.cost
+        removed += cost
         if q.taken < len(q.keys):
             heapq.heappush(heap, (q.keys[q.taken], qi))
     return removed
@@ -124,11 +145,12 @@ def _take(queues: list[_Queue], budget: int, limits: list[int] | None = None) ->
 def plan_pruning(groups: list[CoupledGroup], scores: list[GroupScores], mags: list[GroupScores], *,
                  ratio: float, total_params: int, attention: AttentionUnit | None, min_keep: float,
                  ranking: Literal["global", "layer"] = "global",
-                 per: Literal["parameter", "unit"] = "parameter") -> tuple[list[BlockPlan], int]:
-    """Per-block plans removing at most ``ratio * total_params`` parameters, and the parameters removed."""
+                 per: Literal["parameter", "unit"] = "parameter") -> tuple[PrunePlan, int]:
+    """The plan removing at most ``ratio * total_params`` parameters, and the parameters removed."""
     queues = _queues(groups, scores, mags, attention, min_keep, per)
     budget = int(round(ratio * total_params))
     removable = sum(len(q.keys) * q.cost for q in queues)
+    removable -= sum(len(q.keys) * len(queues[o].keys) * per_pair for q in queues for o, per_pair in q.shared) // 2
     if removable < budget * 0.98:
         raise VitcompressError(
             f"ratio {ratio} asks for {budget} parameters but only {removable} of {total_params} are prunable with "
@@ -143,16 +165,21 @@ def plan_pruning(groups: list[CoupledGroup], scores: list[GroupScores], mags: li
     return _plans(groups, queues), removed
 
 
-def _plans(groups: list[CoupledGroup], queues: list[_Queue]) -> list[BlockPlan]:
+def _plans(groups: list[CoupledGroup], queues: list[_Queue]) -> PrunePlan:
     by_group = {q.group: q for q in queues}
-    blocks = sorted({g.block for g in groups})
+    stem = []
+    for gi, g in enumerate(groups):
+        if g.kind == "stem":
+            dropped = {i for (i,) in (by_group[gi].items[: by_group[gi].taken] if gi in by_group else [])}
+            stem.append(tuple(i for i in range(g.shape[0]) if i not in dropped))
+    blocks = sorted({g.block for g in groups if g.kind != "stem"})
     plans = []
     for b in blocks:
         heads: tuple[int, ...] = ()
         dims: tuple[tuple[int, ...], ...] = ()
         mlp: tuple[int, ...] = ()
         for gi, g in enumerate(groups):
-            if g.block != b:
+            if g.block != b or g.kind == "stem":
                 continue
             gone = by_group[gi].items[: by_group[gi].taken] if gi in by_group else []
             if g.kind == "mlp":
@@ -170,5 +197,5 @@ def _plans(groups: list[CoupledGroup], queues: list[_Queue]) -> list[BlockPlan]:
                         cut[h].add(d)
                 dims = tuple(tuple(d for d in range(g.shape[1]) if d not in cut[h]) for h in heads)
         plans.append(BlockPlan(heads, dims, mlp))
-    return plans
+    return PrunePlan(tuple(plans), tuple(stem))
 

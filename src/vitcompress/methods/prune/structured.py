@@ -8,7 +8,8 @@ by default distilled from the unpruned model (``finetune.py``). r is the fractio
 of all parameters removed, as in the study's Size column (327 -> 301 MB at r = 0.1).
 
 The step's meta holds the kept heads, head dims and MLP channels of every block
-(``plan``), which is all ``restore`` needs to rebuild the shapes on a fresh model,
+(``plan``; ``stem_plan``, the kept stem channels, with ``stem: true``), which is all
+``restore`` needs to rebuild the shapes on a fresh model,
 and the importance score of every unit (``importance``) for the study's Figure 3
 (see ``plot.py``).
 """
@@ -16,20 +17,20 @@ and the importance score of every unit (``importance``) for the study's Figure 3
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ... import dist
-from ...config import check
+from ...config import LATE, check
 from ..registry import StepOutput, register_method
-from .cut import apply_plans, plans_from_meta, plans_to_meta, ranges
+from .cut import apply_plans, plan_from_meta, plan_to_meta, ranges
 from .finetune import finetune
 from .groups import CoupledGroup, find_groups
 from .importance import GroupScores, importance_scores, magnitude_importance
-from .select import BlockPlan, plan_pruning
+from .select import PrunePlan, plan_pruning
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class StructuredPruneConfig:
     min_keep: float = 0.1  # every layer keeps at least this fraction of its heads/dims and channels (and >= 1)
     heads: bool = True  # prune attention too; false: MLP channels only
     head_unit: Literal["head", "dim"] = "head"  # remove whole heads, or the same number of dims from every head
+    # Also prune the output channels of a conv stem's 3x3 convs (vitc_small), ranked with the rest.
+    stem: bool = field(default=False, metadata=LATE)
     calib_batches: int = 4  # batches of 64 calibration images for taylor / kl
     kl_chunks: int = 16  # kl: candidate chunks per MLP layer (and per head's dims)
     finetune_epochs: int = 1
@@ -88,13 +91,19 @@ def _round(x: float) -> float:
 
 
 def importance_meta(criterion: str, groups: list[CoupledGroup], scores: list[GroupScores],
-                    plans: list[BlockPlan], attention: str | None) -> dict[str, Any]:
+                    plan: PrunePlan, attention: str | None) -> dict[str, Any]:
     """Per group: the unit, its parameter cost, every unit's score (4 digits) and which were pruned."""
     out = []
     for g, s in zip(groups, scores, strict=True):
-        plan = plans[g.block]
+        if g.kind == "stem":
+            kept = set(plan.stem[g.block])
+            out.append({"block": g.block, "kind": "stem", "unit": "channel", "params_per_unit": g.unit_cost,
+                        "scores": [_round(v) for v in s.units.tolist()],
+                        "pruned": ranges([i for i in range(g.shape[0]) if i not in kept])})
+            continue
+        bp = plan.blocks[g.block]
         if g.kind == "mlp":
-            kept = set(plan.mlp)
+            kept = set(bp.mlp)
             out.append({"block": g.block, "kind": "mlp", "unit": "channel", "params_per_unit": g.unit_cost,
                         "scores": [_round(v) for v in s.units.tolist()],
                         "pruned": ranges([i for i in range(g.shape[0]) if i not in kept])})
@@ -104,10 +113,10 @@ def importance_meta(criterion: str, groups: list[CoupledGroup], scores: list[Gro
             heads = s.heads / g.shape[1] if criterion == "gate" else s.heads
             out.append({"block": g.block, "kind": "attn", "unit": "head", "params_per_unit": g.head_cost,
                         "scores": [_round(v) for v in heads.tolist()],
-                        "pruned": ranges([h for h in range(g.shape[0]) if h not in plan.heads])})
+                        "pruned": ranges([h for h in range(g.shape[0]) if h not in bp.heads])})
         elif attention == "dim":
             d = g.shape[1]
-            kept_dims = {h * d + j for h, dims in zip(plan.heads, plan.dims) for j in dims}
+            kept_dims = {h * d + j for h, dims in zip(bp.heads, bp.dims) for j in dims}
             out.append({"block": g.block, "kind": "attn", "unit": "dim", "params_per_unit": g.unit_cost,
                         "scores": [_round(v) for v in s.units.flatten().tolist()],
                         "pruned": ranges([i for i in range(g.units) if i not in kept_dims])})
@@ -120,21 +129,21 @@ def prune_and_finetune(model: nn.Module, cfg: StructuredPruneConfig, ctx: Any, g
     """Plan the cut from ``scores``, cut ``model`` (in place), fine-tune; the step's output and meta."""
     total = count_parameters(model)
     attention = cfg.head_unit if cfg.heads else None
-    plans, removed = plan_pruning(groups, scores, magnitude_importance(model, groups), ratio=cfg.ratio,
-                                  total_params=total, attention=attention, min_keep=cfg.min_keep,
-                                  ranking=cfg.ranking, per="unit" if cfg.importance == "gate" else "parameter")
-    apply_plans(model, plans)
+    plan, removed = plan_pruning(groups, scores, magnitude_importance(model, groups), ratio=cfg.ratio,
+                                 total_params=total, attention=attention, min_keep=cfg.min_keep,
+                                 ranking=cfg.ranking, per="unit" if cfg.importance == "gate" else "parameter")
+    apply_plans(model, plan)
     after = count_parameters(model)
     model, history = finetune(model, ctx, epochs=cfg.finetune_epochs, lr=cfg.lr, subset=cfg.finetune_subset,
                               distill=cfg.distill,
                               temperature=cfg.temperature, alpha=cfg.distill_alpha, teacher=teacher,
                               desc=f"{ctx.name} fine-tune")
     meta = {
-        "plan": plans_to_meta(plans),
+        **plan_to_meta(plan),
         "params_before": total,
         "params_after": after,
         "removed_fraction": (total - after) / total,
-        "importance": importance_meta(cfg.importance, groups, scores, plans, attention),
+        "importance": importance_meta(cfg.importance, groups, scores, plan, attention),
         "finetune_history": history,
     }
     return StepOutput(model.eval(), meta)
@@ -149,20 +158,21 @@ def _teacher(ctx: Any, model: nn.Module, cfg: StructuredPruneConfig) -> nn.Modul
 
 def restore_pruned(model: nn.Module, cfg: Any, meta: dict[str, Any]) -> nn.Module:
     """Rebuild the pruned shapes on a fresh model of the step's input architecture."""
-    return apply_plans(model, plans_from_meta(meta["plan"]))
+    return apply_plans(model, plan_from_meta(meta))
 
 
 @register_method(
     "prune.structured",
     StructuredPruneConfig,
     family="pruning",
-    summary="remove a fraction r of parameters (heads/head dims, MLP channels) by Taylor/KL/magnitude; fine-tune",
+    summary="remove a fraction r of parameters (heads/head dims, MLP channels, stem channels) by "
+            "Taylor/KL/magnitude; fine-tune",
     restore=restore_pruned,
 )
 def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model)  # never change the caller's model
     teacher = _teacher(ctx, model, cfg)
-    groups = find_groups(model)
+    groups = find_groups(model, stem=cfg.stem)
     batches = calibration_batches(ctx, cfg.calib_batches) if cfg.importance in ("taylor", "kl") else []
     scores = importance_scores(cfg.importance, model, groups, batches, chunks=cfg.kl_chunks,
                                attention_unit=cfg.head_unit)
