@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_train_set
+from conftest import synthetic_train_set, trained_like_batchnorms
 from torch import nn
 
 from vitcompress.artifact import load_artifact, save_artifact, size_on_disk
@@ -173,21 +173,8 @@ def test_pruned_model_exports_to_onnx(tmp_path) -> None:
         assert abs(got - want).max() < 1e-4
 
 
-def _with_trained_batchnorm_stats(model: nn.Module) -> nn.Module:
-    """Give the stem's BatchNorms running statistics and affine values that are not the identity."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.2)
-    return model.eval()
-
-
 def test_stem_channels_are_cut_with_the_blocks_and_equal_masking(tmp_path) -> None:
-    model = _with_trained_batchnorm_stats(_model(STEM))
+    model = trained_like_batchnorms(_model(STEM))
     plan, removed = _plan(model, 0.4, "dim", stem=True, ranking="layer")  # every layer, the stem's too, loses some
     assert len(plan.stem) == 3 and all(len(k) < c for k, c in zip(plan.stem, (8, 16, 24)))
     pruned = apply_plans(copy.deepcopy(model), plan)
@@ -241,7 +228,7 @@ def test_stem_channels_are_cut_with_the_blocks_and_equal_masking(tmp_path) -> No
 
 
 def test_stem_pruning_runs_end_to_end_and_restores(tmp_path) -> None:
-    model = _with_trained_batchnorm_stats(_model(STEM))
+    model = trained_like_batchnorms(_model(STEM))
     spec = STEM
     cfg = from_dict(get_method("prune.structured").config_cls,
                     {"ratio": 0.3, "importance": "kl", "head_unit": "dim", "stem": True, "ranking": "layer",
@@ -273,7 +260,7 @@ def test_stem_pruning_on_a_model_without_a_stem_says_so() -> None:
 def test_taylor_score_of_a_stem_channel_is_the_squared_derivative_of_scaling_it() -> None:
     # sum_b dL/dw_b * w_b over the channel's filter, BatchNorm gain and shift and the next conv's input slice
     # equals dL/d(alpha) when all of them are scaled by alpha.
-    model = _with_trained_batchnorm_stats(_model(STEM))
+    model = trained_like_batchnorms(_model(STEM))
     groups = find_groups(model, stem=True)
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
     scores = taylor_importance(model, groups, [(x, y)])

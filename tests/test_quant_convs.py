@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import synthetic_train_set
+from conftest import synthetic_train_set, trained_like_batchnorms
 from torch import nn
 
 from vitcompress.artifact import (
@@ -36,15 +36,7 @@ STEM_SPEC = ModelSpec("vitc_small", kwargs={"depth": 1, "stem": [8, 16, 16]})
 
 def _stem_model() -> nn.Module:
     torch.manual_seed(0)
-    model = create_model(STEM_SPEC)
-    with torch.no_grad():  # BatchNorm statistics of a trained model, not the identity of a fresh one
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.3, 3.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-    return model.eval()
+    return trained_like_batchnorms(create_model(STEM_SPEC), seed=0)
 
 
 def _ctx(tmp_path) -> StepContext:
