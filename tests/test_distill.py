@@ -163,6 +163,28 @@ def test_distillation_lowers_the_kl_to_the_teacher(teacher_and_data, tmp_path) -
     assert out.meta["params"] < sum(p.numel() for p in teacher.parameters()) / 2
 
 
+@pytest.mark.parametrize("method", ["distill", "train"])
+def test_augment_reaches_the_training_loop_and_stays_out_of_cache_keys(method, teacher_and_data, tmp_path) -> None:
+    from vitcompress.study.recipe import Step
+
+    teacher, ds = teacher_and_data
+    seen = []
+    ctx = _ctx(ds, teacher, tmp_path)
+    fit = ctx.fit
+
+    def spy(model, *args, **kwargs):
+        seen.append(kwargs.get("augment"))
+        return fit(model, *args, **kwargs)
+
+    ctx.fit = spy
+    cfg_cls = get_method(method).config_cls
+    for augment in (True, None):
+        cfg = from_dict(cfg_cls, {"student": "tiny", "epochs": 1, "augment": augment}, "test")
+        get_method(method).apply(copy.deepcopy(teacher), cfg, ctx)
+        assert ("augment" in Step(method, cfg).key_dict()["config"]) == (augment is not None)
+    assert seen == [True, None]  # None: the loop keeps the baseline's own setting
+
+
 def _save_load(model, steps: list[dict], tmp_path: Path, name: str):
     meta = {"model": SPEC.to_dict(), "steps": steps}
     save_artifact(model, tmp_path / name, meta)

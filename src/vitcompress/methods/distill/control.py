@@ -12,12 +12,12 @@ trained on labels only, both heads averaged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from ...config import check
+from ...config import LATE, check
 from ...models import is_known_model
 from ..registry import StepOutput, register_method
 from .method import build_student, finish, restore_student, train_kwargs
@@ -32,6 +32,7 @@ class TrainStudentConfig:
     lr: float | None = None  # None: the baseline's
     train_subset: int | None = None  # None: the baseline's
     pretrained: bool = False  # a named hub student starts from hub weights
+    augment: bool | None = field(default=None, metadata=LATE)  # random crop + flip; None: as the baseline trained
 
     def __post_init__(self) -> None:
         check(self.student in STUDENT_CHOICES or is_known_model(self.student),

@@ -18,7 +18,7 @@ holds, and the loop augments every epoch anyway.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ...config import check
+from ...config import LATE, check
 from ...errors import VitcompressError
 from ...models import ModelSpec, create_model, is_known_model, load_weights
 from ..registry import StepOutput, register_method
@@ -49,6 +49,9 @@ class DistillConfig:
     epochs: int | None = None  # None: as many as the baseline trained
     lr: float | None = None  # None: the baseline's
     train_subset: int | None = None  # None: the baseline's
+    # Random crop + flip (None: as the baseline trained). The teacher sees each augmented view, so it
+    # labels images the dataset does not hold ("consistent" distillation, Beyer et al. 2022).
+    augment: bool | None = field(default=None, metadata=LATE)
     init_from_teacher: bool = False  # "same" only: start from the teacher's weights instead of random ones
     pretrained: bool = False  # a named hub student (e.g. deit_tiny_distilled_patch16_224) starts from hub weights
     teacher: str | None = None  # None: the study's baseline; else an artifact folder or a checkpoint file
@@ -131,8 +134,9 @@ def restore_student(model: nn.Module, cfg: Any, meta: dict[str, Any]) -> nn.Modu
 
 
 def train_kwargs(cfg: Any) -> dict[str, Any]:
-    """TrainConfig overrides from a method config's epochs / lr / train_subset (None keeps the baseline's)."""
-    return {k: getattr(cfg, k) for k in ("epochs", "lr", "train_subset") if getattr(cfg, k) is not None}
+    """TrainConfig overrides from a method config's epochs / lr / train_subset / augment (None keeps the
+    baseline's)."""
+    return {k: getattr(cfg, k) for k in ("epochs", "lr", "train_subset", "augment") if getattr(cfg, k) is not None}
 
 
 def finish(student: nn.Module) -> nn.Module:
