@@ -250,6 +250,11 @@ def test_stem_pruning_runs_end_to_end_and_restores(tmp_path) -> None:
         torch.testing.assert_close(loaded(x), out.model(x))
     plot = plot_importance(out.meta, tmp_path / "fig3.png")
     assert plot.stat().st_size > 0
+    # The title counts what the step removed, not the units' costs (adjacent stem channels share weights).
+    from vitcompress.methods.prune.plot import importance_title
+
+    before, after = _params(model), _params(out.model)
+    assert importance_title(out.meta) == f"Parameters vs importance: {before - after:,} of {before:,} parameters removed"
 
 
 def test_stem_pruning_on_a_model_without_a_stem_says_so() -> None:

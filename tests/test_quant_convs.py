@@ -194,12 +194,16 @@ def test_uint8_storage_codes_float_tensors_in_a_byte_and_loads_as_float32(tmp_pa
     save_artifact(model, tmp_path / "u8", spec, small_tensors="uint8")
     stored = stored_tensors(tmp_path / "u8")
     state = model.state_dict()
+    coded = 0
     for key, value in state.items():
         if not value.is_floating_point():
             continue
-        if value.numel() >= CODE_MIN_NUMEL:
+        if value.dim() >= 2 and key.endswith(".weight"):  # a layer kept in float is not quantized by the file
+            assert stored[key].dtype == torch.float16
+        elif value.numel() >= CODE_MIN_NUMEL:
             assert stored[key + "::code"].dtype == torch.uint8 and key not in stored
             assert stored[key + "::code"].numel() == value.numel()
+            coded += value.numel()
         else:  # a byte code and its two float32 numbers would cost more than float16
             assert stored[key].dtype == torch.float16
     # LayerNorm gains are all positive (log2 grid), the position embedding has both signs (uniform grid).
@@ -207,9 +211,8 @@ def test_uint8_storage_codes_float_tensors_in_a_byte_and_loads_as_float32(tmp_pa
 
     layout = _open(tmp_path / "u8" / WEIGHTS_FILE, lambda layout, f: layout)
     assert layout["norm.weight"]["kind"] == "uint8_log2" and layout["pos_embed"]["kind"] == "uint8_linear"
-    floats = sum(v.numel() for v in state.values() if v.is_floating_point() and v.numel() >= CODE_MIN_NUMEL)
     saved = size_on_disk(tmp_path / "f16") - size_on_disk(tmp_path / "u8")
-    assert saved > 0.95 * floats  # one byte less per coded value, less the two numbers and names per tensor
+    assert 0.9 * coded < saved < coded  # one byte less per coded value, less the two numbers and names per tensor
     loaded = load_artifact(tmp_path / "u8")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = _x()

@@ -6,8 +6,9 @@ and a reader can check the storage dtype. With ``small_tensors="float16"`` (the 
 asks for it after a quantization step) the float32 tensors that remain, such as
 biases, scales, norms and the position embedding, are stored as float16 and widened
 back to float32 when read. With ``small_tensors="uint8"`` (for 4-bit files, where those
-tensors are 10% of the bytes) each of them of at least ``CODE_MIN_NUMEL`` values is
-stored as one byte per value plus two float32 numbers (see :func:`encode_uint8`):
+tensors are 10% of the bytes) each of them of at least ``CODE_MIN_NUMEL`` values (weight
+matrices left in float stay float16) is stored as one byte per value plus two float32
+numbers (see :func:`encode_uint8`):
 on a log2 grid when all its values are positive (steps, scales, most LayerNorm
 gains: a constant *relative* error), on a uniform min..max grid otherwise. The
 study measures the model read back from the file, so the rounding is in every
@@ -95,6 +96,15 @@ def decode_uint8(codes: torch.Tensor, params: torch.Tensor, grid: str) -> torch.
     return (torch.exp2(v) if grid == "log2" else v).float()
 
 
+def _codable(key: str, value: torch.Tensor) -> bool:
+    """Whether ``small_tensors="uint8"`` codes this tensor: a small one (1-D, or not a layer's weight, such
+    as the position embedding) of at least ``CODE_MIN_NUMEL`` finite values. A weight matrix or kernel
+    left in float (a head kept float, convs not quantized) stays float16: coding it would quantize a
+    layer the method was told to keep."""
+    small = value.dim() <= 1 or not key.endswith(".weight")
+    return small and value.numel() >= CODE_MIN_NUMEL and bool(torch.isfinite(value).all())
+
+
 def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dict[str, Any],
              small: str = "float32") -> None:
     float16 = small in ("float16", "uint8")
@@ -116,8 +126,7 @@ def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dic
             tensors[key + _SEP + "scale"] = torch.tensor([value.q_scale()], dtype=torch.float64)
             tensors[key + _SEP + "zero_point"] = torch.tensor([value.q_zero_point()], dtype=torch.int32)
             layout[key] = {"kind": "qtensor_per_tensor", "dtype": str(value.dtype)}
-    elif (torch.is_tensor(value) and small == "uint8" and value.dtype == torch.float32
-          and value.numel() >= CODE_MIN_NUMEL and bool(torch.isfinite(value).all())):
+    elif (torch.is_tensor(value) and small == "uint8" and value.dtype == torch.float32 and _codable(key, value)):
         codes, params, grid = encode_uint8(value)
         tensors[key + _SEP + "code"] = codes
         tensors[key + _SEP + "grid"] = params

@@ -52,6 +52,19 @@ def importance_points(meta_or_scores: Mapping[str, Any]) -> list[tuple[float, in
     return points
 
 
+def importance_title(meta_or_scores: Mapping[str, Any]) -> str:
+    """The figure's title: how many parameters the step removed, of how many."""
+    if "params_before" in meta_or_scores and "params_after" in meta_or_scores:
+        # The step's own count is exact; the units' costs count the weights two adjacent stem channels
+        # share once for each (the histogram weighs each unit by all the parameters it owns).
+        before, after = int(meta_or_scores["params_before"]), int(meta_or_scores["params_after"])
+        return f"Parameters vs importance: {before - after:,} of {before:,} parameters removed"
+    points = importance_points(meta_or_scores)
+    pruned = sum(p[1] for p in points if p[3])
+    total = sum(p[1] for p in points)
+    return f"Parameters vs importance: {pruned:,} of {total:,} prunable parameters pruned"
+
+
 def plot_importance(meta_or_scores: Mapping[str, Any], path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Write the parameters-vs-importance histogram to ``path`` (PNG, or any format matplotlib knows)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -85,10 +98,7 @@ def plot_importance(meta_or_scores: Mapping[str, Any], path: str | os.PathLike, 
     per = "per parameter" if record.get("per", "parameter") == "parameter" else "per unit"
     ax.set_xlabel(f"importance score {per} ({record.get('criterion', '?')})")
     ax.set_ylabel("number of parameters")
-    pruned = sum(p[1] for p in points if p[3])
-    total = sum(p[1] for p in points)
-    ax.set_title(title or f"Parameters vs importance: {pruned:,} of {total:,} prunable parameters pruned",
-                 fontsize=9)
+    ax.set_title(title or importance_title(meta_or_scores), fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     out = Path(path)
