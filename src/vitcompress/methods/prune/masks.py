@@ -15,9 +15,10 @@ layer that the coupled group feeds:
 * conv stem: the conv after a pruned conv gates its input channels, after the
   BatchNorm and ReLU (zero padding scales with the channel, so this too is linear).
 
-Both are ``nn.Linear`` subclasses that take the original weight tensors, swapped in
-per instance; :func:`remove_gates` swaps plain ``nn.Linear`` back, folding the gate
-values into the weights (exact: the gates are linear in the output / input).
+Each is a subclass of the layer it replaces (``nn.Linear``, or ``nn.Conv2d`` in the stem)
+that takes the original weight tensors, swapped in per instance; :func:`remove_gates`
+swaps the plain layer back, folding the gate values into the weights (exact: the gates
+are linear in the output / input).
 """
 
 from __future__ import annotations
