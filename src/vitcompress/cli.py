@@ -8,7 +8,6 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -54,12 +53,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import read_results
-    from .study.runner import RUN_INFO, render_run
+    from .study.runner import read_run_info, render_run
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.jsonl").exists():
         raise VitcompressError(f"{run_dir} has no results.jsonl; pass a run folder made by `vitcompress study`")
-    info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).exists() else {}
+    info = read_run_info(run_dir)
     meta = {key: info[key] for key in ("recipe", "command") if info.get(key)}
     paths = render_run(run_dir, read_results(run_dir / "results.jsonl"), meta)
     print(f"report: {paths['report']}")

@@ -70,6 +70,14 @@ def _final_model_name(meta: dict[str, Any], default: str) -> str:
     return name
 
 
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """What a study wrote in ``run_dir/run.json`` (recipe, command, baseline key); {} if it is missing or corrupt."""
+    try:
+        return json.loads((run_dir / RUN_INFO).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def _step_keys(stored: Any) -> list[dict[str, Any]] | None:
     """The ``Step.key_dict`` of each step a finished row stored (written by this or an earlier version);
     None when one no longer parses (a removed or renamed option): the row is then re-run."""
@@ -312,10 +320,7 @@ class Study:
         info_path = self.run_dir / RUN_INFO
         key = self.recipe.baseline_key()
         if info_path.exists():
-            try:
-                info = json.loads(info_path.read_text())
-            except json.JSONDecodeError:
-                info = {}
+            info = read_run_info(self.run_dir)
             if info.get("baseline_key") not in (None, key):
                 raise VitcompressError(
                     f"{self.run_dir} holds a study with another dataset, baseline or seed "
