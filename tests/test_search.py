@@ -117,3 +117,33 @@ def test_a_chain_already_tried_is_not_measured_again(tmp_path) -> None:
     assert {r["params"]["c0.s0.ptq.dynamic.per_channel"] for r in res.rows} == {0, 1}
     assert sum("again; not counted" in m for m in logs) >= 20
     assert any(m.strip().startswith("stopping:") for m in logs)
+
+
+def test_refit_trains_the_chosen_chain_on_every_training_image(tmp_path, monkeypatch) -> None:
+    d = _search_recipe()
+    d["search"]["trials"] = 2
+    d["search"]["refit"] = True
+    d["search"]["chains"] = [[{"ptq.dynamic": {"per_channel": {"choice": [True, False]}}}]]
+    fits: list[int] = []
+    real_fit = study_runner.Study._materialize
+
+    def spy(self, steps):
+        if not steps and not (self._artifact_dir(steps) / "model.safetensors").exists():
+            fits.append(len(self.train_ds))
+        return real_fit(self, steps)
+
+    monkeypatch.setattr(study_runner.Study, "_materialize", spy)
+    res = run_search(parse_recipe(d), tmp_path / "s", progress=False, log=lambda m: None)
+    assert res.best is not None and res.refit is not None
+    assert fits == [60000 - 200, 60000]  # the search's baseline without the validation images, then all
+    base, chain = res.refit.rows
+    assert base["baseline"] and base["n_test"] == 256 and chain["status"] == "ok"
+    assert [s["config"] for s in chain["steps"]] == [s["config"] for s in res.best["steps"]]
+    # Not the search's baseline: the refit's chain starts from the model trained on all 60k.
+    assert base["artifact"] != json.loads((tmp_path / "s" / "trials.jsonl").read_text().splitlines()[0])["artifact"]
+    assert (tmp_path / "s" / "refit" / chain["artifact"]).stat().st_size == chain["size_bytes"]
+    report = (tmp_path / "s" / "search_report.md").read_text()
+    assert "refit on the whole training split" in report and f"{chain['top1']:.2f}" in report
+    again = run_search(parse_recipe(d), tmp_path / "s", progress=False, log=lambda m: None)
+    assert fits == [60000 - 200, 60000]  # resumed: nothing trained again
+    assert again.refit.rows[1]["top1"] == chain["top1"]

@@ -81,7 +81,7 @@ def _plot(rows: list[dict[str, Any]], base: dict[str, Any], x: str, path: Path) 
 
 
 def write_search_report(run_dir: Path, recipe: Any, base: dict[str, Any], rows: list[dict[str, Any]],
-                        best: dict[str, Any] | None, test_top1: dict[str, float]) -> Path:
+                        best: dict[str, Any] | None, test_top1: dict[str, float], refit: Any = None) -> Path:
     b = recipe.search.budgets
     max_bytes, min_img_s = b.limits(base)
     budgets = [f"size ≤ {max_bytes / 1e6:.3f} MB" + (f" ({100 * b.max_size_ratio:g}% of the baseline's file)"
@@ -108,6 +108,8 @@ def write_search_report(run_dir: Path, recipe: Any, base: dict[str, Any], rows: 
                   f"- Artifact: `{best['artifact']}`", ""]
     else:
         lines += ["## Chosen candidate", "", "No trial met every budget.", ""]
+    if refit is not None:
+        lines += _refit_lines(refit.rows)
     header = ["| Trial | Chain | Val top-1 (%) | Size (MB) | Size ratio | CPU (img/s) | Speed-up (×) | Runtime | "
               "Within budgets | Pareto |", "|---:|---|---:|---:|---:|---:|---:|---|---|---|"]
     front = [r for r in rows if r.get("pareto")]
@@ -127,6 +129,25 @@ def write_search_report(run_dir: Path, recipe: Any, base: dict[str, Any], rows: 
     path = run_dir / "search_report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _refit_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The chosen chain re-trained on the whole training split (``search.refit``), from its study's rows."""
+    base = next((r for r in rows if r.get("baseline") and r.get("status") == "ok"), None)
+    chain = next((r for r in rows if not r.get("baseline")), None)
+    lines = ["## Chosen chain refit on the whole training split", "",
+             "The chain trained again, from a baseline trained on every training image (validation split "
+             "included); both measured on the test split as a study (`refit/report.md`).", ""]
+    if base is None or chain is None or chain.get("status") != "ok":
+        why = (chain or {}).get("error") or "the refit study has no finished row for it"
+        return lines + [f"Refit failed: {why}", ""]
+    lines += ["| Model | Test top-1 (%) | Δ (pt) | Size (MB) | Size ratio | Speed-up (×) | Runtime |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for r in (base, chain):
+        lines.append(f"| {r['name']} | {r['top1']:.2f} | {r['top1'] - base['top1']:+.2f} | "
+                     f"{r['size_bytes'] / 1e6:.3f} | {100 * r['size_bytes'] / base['size_bytes']:.1f}% | "
+                     f"{speedup(r, base):.2f} | {r.get('runtime')} |")
+    return lines + [""]
 
 
 def _row(r: dict[str, Any], base: dict[str, Any]) -> str:

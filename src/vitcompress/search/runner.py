@@ -11,7 +11,9 @@ after the search, to re-evaluate the chosen candidate.
 
 Outputs in the run folder: ``trials.jsonl`` (every trial as a row),
 ``search_report.md`` (trials, Pareto front, the best candidate under the
-budgets with its test accuracy), ``plots/search_*.png``, ``best.json``.
+budgets with its test accuracy), ``plots/search_*.png``, ``best.json``; with
+``search.refit``, ``refit/``: a study of the chosen chain re-trained from a
+baseline that saw every training image (validation split included).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from ..measure import evaluate_accuracy
 from ..study.recipe import Experiment, Recipe, _parse_steps
 from ..study.results import append_row, load_rows
 from ..study.retime import needs_retime, retime_rows, write_rows
-from ..study.runner import Study, _RunLock
+from ..study.runner import Study, StudyResult, _RunLock
 from .pareto import mark_pareto
 from .report import reference_img_s, speedup
 from .space import SearchConfig, suggest_steps
@@ -93,6 +95,7 @@ class SearchResult:
     rows: list[dict[str, Any]]
     best: dict[str, Any] | None
     report: Path
+    refit: StudyResult | None = None
 
 
 def _feasible(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> bool:
@@ -229,10 +232,28 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
         feasible = [r for r in ok if _feasible(r, cfg.budgets, base)]
         best = max(feasible, key=lambda r: (r["top1"], -r["size_bytes"])) if feasible else None
         test_eval = _evaluate_on_test(study, [base] + ([best] if best else []), run_dir)
+        refit = _refit(recipe, run_dir, best, data_root=data_root, progress=progress, log=say) \
+            if cfg.refit and best is not None else None
         from .report import write_search_report
 
-        report = write_search_report(run_dir, recipe, base, rows, best, test_eval)
-    return SearchResult(run_dir, rows, best, report)
+        report = write_search_report(run_dir, recipe, base, rows, best, test_eval, refit)
+    return SearchResult(run_dir, rows, best, report, refit)
+
+
+REFIT_NAME = "Searched chain (refit)"
+
+
+def _refit(recipe: Recipe, run_dir: Path, best: dict[str, Any], **kwargs: Any) -> StudyResult:
+    """The chosen chain as a study on the full training split: a baseline trained on every training image
+    (the search's baseline left the validation images out), the chain applied to it, both measured on the
+    test split with a study's timing. Resumable like any study; a later search that chooses another chain
+    adds its row to the same folder."""
+    raw = [{s["method"]: s["config"]} for s in best["steps"]]
+    name = f"{REFIT_NAME}: trial {best['trial']}"
+    exp = Experiment(name, _parse_steps(raw, f"search refit (trial {best['trial']})"))
+    study_recipe = replace(recipe, name=f"{recipe.name}-refit", experiments=(exp,), search=None)
+    kwargs["log"](f"▶ refit: trial {best['trial']}'s chain from a baseline trained on all training images")
+    return Study(study_recipe, run_dir / "refit", **kwargs).run()
 
 
 def _evaluate_on_test(study: SearchStudy, rows: list[dict[str, Any]], run_dir: Path) -> dict[str, float]:

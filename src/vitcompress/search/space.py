@@ -55,6 +55,9 @@ class SearchConfig:
     val_images: int = 5000  # carved from the training split; the test split is never seen while searching
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     budgets: Budgets = field(default_factory=Budgets)
+    # After the search, train the chosen chain again from a baseline trained on the whole training split
+    # (validation images included) and measure both on the test split, as a study (run folder `refit/`).
+    refit: bool = False
 
     def __post_init__(self) -> None:
         check(self.trials >= 1, "search.trials must be >= 1")
