@@ -232,8 +232,10 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
         feasible = [r for r in ok if _feasible(r, cfg.budgets, base)]
         best = max(feasible, key=lambda r: (r["top1"], -r["size_bytes"])) if feasible else None
         test_eval = _evaluate_on_test(study, [base] + ([best] if best else []), run_dir)
-        refit = _refit(recipe, run_dir, best, data_root=data_root, progress=progress, log=say) \
-            if cfg.refit and best is not None else None
+        refit = None
+        if cfg.refit and best is not None:
+            say(f"▶ refit: trial {best['trial']}'s chain from a baseline trained on all training images")
+            refit = _refit(recipe, run_dir, best, data_root=data_root, progress=progress, log=say)
         from .report import write_search_report
 
         report = write_search_report(run_dir, recipe, base, rows, best, test_eval, refit)
@@ -252,7 +254,6 @@ def _refit(recipe: Recipe, run_dir: Path, best: dict[str, Any], **kwargs: Any) -
     name = f"{REFIT_NAME}: trial {best['trial']}"
     exp = Experiment(name, _parse_steps(raw, f"search refit (trial {best['trial']})"))
     study_recipe = replace(recipe, name=f"{recipe.name}-refit", experiments=(exp,), search=None)
-    kwargs["log"](f"▶ refit: trial {best['trial']}'s chain from a baseline trained on all training images")
     return Study(study_recipe, run_dir / "refit", **kwargs).run()
 
 
