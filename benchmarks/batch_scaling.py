@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                               "runtimes": {r["name"]: r["runtime"] for r in [base, *picked]}, "batches": {}}
     for b in args.batches:
         x = example[:1].repeat(b, 1, 1, 1)
-        calls = {name: (lambda fn=fn: fn(x)) for name, fn in deps.items()}
+        calls = {name: (lambda fn=fn, x=x: fn(x)) for name, fn in deps.items()}
         with torch.inference_mode(), _Threads(threads):
             seconds = time_interleaved(calls, warmup=2, repeats=args.repeats,
                                        min_repeat_seconds=args.min_repeat_seconds)

@@ -8,6 +8,7 @@ that a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns about pickle protocols on stderr before refusing a file; the error says it all.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, or a pickle that wants to run code
+        if "Weights only load failed" in str(exc):  # torch's words; its advice (weights_only=False) is not ours
+            raise VitcompressError(
+                f"cannot read checkpoint {path}: it holds Python objects other than tensors, which are not "
+                "loaded (that could run code); pass a .safetensors file or a torch.save'd state dict of tensors"
+            ) from None
         raise VitcompressError(
             f"cannot read checkpoint {path}: {type(exc).__name__}: {(str(exc).splitlines() or ['empty or truncated file'])[0][:200]}; "
             "pass a .safetensors file or a torch.save'd state dict of tensors"
