@@ -109,7 +109,7 @@ def write_search_report(run_dir: Path, recipe: Any, base: dict[str, Any], rows: 
     else:
         lines += ["## Chosen candidate", "", "No trial met every budget.", ""]
     if refit is not None:
-        lines += _refit_lines(refit.rows)
+        lines += _refit_lines(refit.rows, b)
     header = ["| Trial | Chain | Val top-1 (%) | Size (MB) | Size ratio | CPU (img/s) | Speed-up (×) | Runtime | "
               "Within budgets | Pareto |", "|---:|---|---:|---:|---:|---:|---:|---|---|---|"]
     front = [r for r in rows if r.get("pareto")]
@@ -131,7 +131,7 @@ def write_search_report(run_dir: Path, recipe: Any, base: dict[str, Any], rows: 
     return path
 
 
-def _refit_lines(rows: list[dict[str, Any]]) -> list[str]:
+def _refit_lines(rows: list[dict[str, Any]], budgets: Any) -> list[str]:
     """The chosen chain re-trained on the whole training split (``search.refit``), from its study's rows."""
     base = next((r for r in rows if r.get("baseline") and r.get("status") == "ok"), None)
     chain = next((r for r in rows if not r.get("baseline")), None)
@@ -141,12 +141,18 @@ def _refit_lines(rows: list[dict[str, Any]]) -> list[str]:
     if base is None or chain is None or chain.get("status") != "ok":
         why = (chain or {}).get("error") or "the refit study has no finished row for it"
         return lines + [f"Refit failed: {why}", ""]
-    lines += ["| Model | Test top-1 (%) | Δ (pt) | Size (MB) | Size ratio | Speed-up (×) | Runtime |",
-              "|---|---:|---:|---:|---:|---:|---|"]
-    for r in (base, chain):
+    # The budgets again, against this baseline: the refit model is timed with it in the same rounds.
+    reference = reference_img_s(chain, base)
+    max_bytes, min_img_s = budgets.limits(base | {"cpu_img_s": reference})
+    within = ((max_bytes is None or chain["size_bytes"] <= max_bytes)
+              and (min_img_s is None or speedup(chain, base) * reference >= min_img_s)
+              and (budgets.max_acc_drop is None or base["top1"] - chain["top1"] <= budgets.max_acc_drop))
+    lines += ["| Model | Test top-1 (%) | Δ (pt) | Size (MB) | Size ratio | Speed-up (×) | Runtime | Within budgets |",
+              "|---|---:|---:|---:|---:|---:|---|---|"]
+    for r, ok in ((base, ""), (chain, "yes" if within else "no")):
         lines.append(f"| {r['name']} | {r['top1']:.2f} | {r['top1'] - base['top1']:+.2f} | "
                      f"{r['size_bytes'] / 1e6:.3f} | {100 * r['size_bytes'] / base['size_bytes']:.1f}% | "
-                     f"{speedup(r, base):.2f} | {r.get('runtime')} |")
+                     f"{speedup(r, base):.2f} | {r.get('runtime')} | {ok} |")
     return lines + [""]
 
 
