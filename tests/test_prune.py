@@ -399,6 +399,27 @@ def test_token_merging_keeps_the_class_token_and_merges_r_per_block() -> None:
     assert entering == [17, 9] and schedule == [8, 4]
 
 
+def test_token_merging_schedule_merges_where_it_says() -> None:
+    model = _model(QUICK)  # 49 patches + class token, 4 blocks
+    merged, schedule, entering = apply_merging(copy.deepcopy(model), TokenMergeConfig(schedule=(24,)))
+    assert schedule == [24, 0, 0, 0] and entering == [50, 26, 26, 26]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        h = merged.norm_pre(merged.patch_drop(merged._pos_embed(merged.patch_embed(x))))
+        size = None
+        for blk in merged.blocks:
+            h, size = blk.merge_forward(h, size)
+        assert h.shape[1] == 26 and torch.allclose(size.sum(1), torch.full((2, 1), 50.0))
+        assert merged(x).shape == (2, 10)
+    # Capped like r (at most the A half of the patches), and all zeros is the unmodified model.
+    assert apply_merging(copy.deepcopy(model), TokenMergeConfig(schedule=(40, 40)))[1] == [25, 12, 0, 0]
+    same = apply_merging(copy.deepcopy(model), TokenMergeConfig(schedule=(0, 0, 0, 0)))[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(same(x), model(x))
+    with pytest.raises(VitcompressError, match="5 entries for a model of 4 blocks"):
+        apply_merging(copy.deepcopy(model), TokenMergeConfig(schedule=(1, 1, 1, 1, 1)))
+
+
 def test_bipartite_merge_protects_the_class_token_and_averages_by_size() -> None:
     # The class token equals patch token 1; matching must still leave it alone.
     x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.0, 1.1]]])
@@ -425,8 +446,10 @@ def test_bipartite_merge_sums_every_a_token_into_its_b_partner() -> None:
 def test_config_errors_are_one_line() -> None:
     with pytest.raises(VitcompressError, match="prune.gates"):
         get_method("prune.structured").config_cls(importance="gate")
-    with pytest.raises(VitcompressError, match="r or keep"):
+    with pytest.raises(VitcompressError, match="one of r, keep or schedule, not r and keep"):
         TokenMergeConfig(r=2, keep=0.5)
+    with pytest.raises(VitcompressError, match=">= 0"):
+        TokenMergeConfig(schedule=(4, -1))
     with pytest.raises(VitcompressError, match="ratio"):
         get_method("prune.structured").config_cls(ratio=1.5)
 
@@ -447,6 +470,7 @@ CASES = [
     ("prune.gates", {"ratio": 0.2, "importance": "taylor", "head_unit": "head", "calib_batches": 1}),
     ("tokens.merge", {"r": 3}),
     ("tokens.merge", {"keep": 0.7}),
+    ("tokens.merge", {"schedule": [6]}),
 ]
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
-from ...config import check
+from ...config import LATE, check
 from ...errors import VitcompressError
 from ..registry import StepOutput, register_method
 
@@ -48,9 +48,16 @@ M = TypeVar("M", bound=nn.Module)
 class TokenMergeConfig:
     r: int | None = None  # tokens merged in every block; with neither r nor keep: r = 4
     keep: float | None = None  # or: every block keeps this fraction of its non-class tokens
+    # Or: tokens merged in each block, in order (missing blocks merge none), e.g. [24] merges once, in the
+    # first block. Each merge is a handful of small operators (matching, sort, gathers); on a short sequence
+    # their overhead can cost what the shorter sequence saves, so fewer, larger merges may run faster.
+    schedule: tuple[int, ...] | None = field(default=None, metadata=LATE)
 
     def __post_init__(self) -> None:
-        check(self.r is None or self.keep is None, "tokens.merge takes r or keep, not both")
+        given = [n for n in ("r", "keep", "schedule") if getattr(self, n) is not None]
+        check(len(given) <= 1, f"tokens.merge takes one of r, keep or schedule, not {' and '.join(given)}")
+        check(self.schedule is None or all(v >= 0 for v in self.schedule),
+              f"schedule entries must be >= 0, got {list(self.schedule or ())}")
         check(self.r is None or self.r >= 0, f"r must be >= 0, got {self.r}")
         check(self.keep is None or 0 < self.keep <= 1, f"keep must be in (0, 1], got {self.keep}")
 
@@ -174,11 +181,19 @@ class MergingBlocks(nn.Sequential):
 
 def merge_schedule(tokens: int, prefix: int, depth: int, cfg: TokenMergeConfig) -> list[int]:
     """Tokens merged in each block, capped so that bipartite matching can pair them and >= 1 patch token stays."""
-    r_fixed = DEFAULT_R if cfg.r is None and cfg.keep is None else cfg.r
+    if cfg.schedule is not None and len(cfg.schedule) > depth:
+        raise VitcompressError(f"tokens.merge schedule has {len(cfg.schedule)} entries for a model of {depth} "
+                               "blocks; give at most one per block")
+    r_fixed = DEFAULT_R if cfg.r is None and cfg.keep is None and cfg.schedule is None else cfg.r
     out = []
-    for _ in range(depth):
+    for i in range(depth):
         rest = tokens - prefix
-        r = r_fixed if r_fixed is not None else int(round((1 - float(cfg.keep or 1.0)) * rest))
+        if cfg.schedule is not None:
+            r = cfg.schedule[i] if i < len(cfg.schedule) else 0
+        elif r_fixed is not None:
+            r = r_fixed
+        else:
+            r = int(round((1 - float(cfg.keep or 1.0)) * rest))
         r = max(0, min(r, math.ceil(rest / 2), rest - 1))  # |A| = ceil(rest/2); keep one patch token
         out.append(r)
         tokens -= r
