@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from vitcompress.artifact import load_artifact
 from vitcompress.data import load_split
 from vitcompress.measure import _Threads, available_cores, environment, evaluate_accuracy
-from vitcompress.measure.bench import paired_ratios, time_interleaved
+from vitcompress.measure.bench import load_target, paired_ratios, time_interleaved
 from vitcompress.measure.runtimes import as_module, deploy
 from vitcompress.methods.prune.tome import TokenMergeConfig, apply_merging
 
@@ -53,22 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the measurements as JSON")
     args = ap.parse_args(argv)
 
-    base = load_artifact(args.artifact).eval()
+    target = load_target(str(args.artifact))  # the model and its input shape, from the artifact's meta.json
+    base, img_size, in_chans = target.model.eval(), target.img_size, target.in_chans
     models: dict[str, Any] = {"unmerged": base}
     schedules: dict[str, list[int]] = {}
     for text in args.schedules:
         models[text], schedules[text], _ = apply_merging(copy.deepcopy(base), parse_schedule(text))
         models[text].eval()
-    spec = base.patch_embed
-    in_chans = int(getattr(spec, "in_chans", None) or next(base.parameters()).shape[1])
-    img_size = int(spec.img_size[0] if isinstance(spec.img_size, (tuple, list)) else spec.img_size)
 
     test = load_split(args.data, "test", args.data_root, False)
     top1 = {k: evaluate_accuracy(m, test, img_size=img_size, in_chans=in_chans)["top1"] for k, m in models.items()}
 
     threads = args.threads or available_cores()
     example = torch.randn(args.batch, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    work = Path(args.out).parent / "tome_deploy" if args.out else Path("runs/bench/tome_deploy")
+    work = args.out.parent / "tome_deploy" if args.out else Path("runs/bench/tome_deploy")
     deps = {k: as_module(deploy(args.runtime, m, example, threads, work / k.replace(",", "_").replace("=", "")))
             for k, m in models.items()}
     calls = {k: (lambda fn=fn: fn(example)) for k, fn in deps.items()}

@@ -184,16 +184,15 @@ def merge_schedule(tokens: int, prefix: int, depth: int, cfg: TokenMergeConfig) 
     if cfg.schedule is not None and len(cfg.schedule) > depth:
         raise VitcompressError(f"tokens.merge schedule has {len(cfg.schedule)} entries for a model of {depth} "
                                "blocks; give at most one per block")
-    r_fixed = DEFAULT_R if cfg.r is None and cfg.keep is None and cfg.schedule is None else cfg.r
     out = []
     for i in range(depth):
         rest = tokens - prefix
         if cfg.schedule is not None:
             r = cfg.schedule[i] if i < len(cfg.schedule) else 0
-        elif r_fixed is not None:
-            r = r_fixed
+        elif cfg.keep is not None:
+            r = int(round((1 - cfg.keep) * rest))
         else:
-            r = int(round((1 - float(cfg.keep or 1.0)) * rest))
+            r = DEFAULT_R if cfg.r is None else cfg.r
         r = max(0, min(r, math.ceil(rest / 2), rest - 1))  # |A| = ceil(rest/2); keep one patch token
         out.append(r)
         tokens -= r
