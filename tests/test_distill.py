@@ -31,6 +31,7 @@ from vitcompress.methods.distill.students import init_from_teacher
 from vitcompress.models import ModelSpec, create_model
 from vitcompress.study import parse_recipe, run_study
 from vitcompress.study.context import StepContext
+from vitcompress.study.recipe import Step
 from vitcompress.train import TrainConfig
 
 SPEC = ModelSpec("vitc_micro")
@@ -165,8 +166,6 @@ def test_distillation_lowers_the_kl_to_the_teacher(teacher_and_data, tmp_path) -
 
 @pytest.mark.parametrize("method", ["distill", "train"])
 def test_augment_reaches_the_training_loop_and_stays_out_of_cache_keys(method, teacher_and_data, tmp_path) -> None:
-    from vitcompress.study.recipe import Step
-
     teacher, ds = teacher_and_data
     seen = []
     ctx = _ctx(ds, teacher, tmp_path)
@@ -273,6 +272,15 @@ def test_config_rules_and_round_trip() -> None:
                 {"pretrained": True, "student": "vitc_micro_quarter_dist"}, {"student": "input", "dist_token": True}):
         with pytest.raises(VitcompressError):
             parse_config("distill", bad, "test")
+    for name in ("distill", "train"):
+        for bad, match in (({"student": "same", "width": 0.25}, "drop it for student same"),
+                           ({"student": "tiny", "width": 1.5}, "in \\(0, 1\\)")):
+            with pytest.raises(VitcompressError, match=match):
+                parse_config(name, bad, "test")
+        # width is a late option: at its default the cache key of a finished "tiny" row is unchanged.
+        assert "width" not in Step(name, parse_config(name, {"student": "tiny"}, "test")).key_dict()["config"]
+        assert Step(name, parse_config(name, {"student": "tiny", "width": 0.25}, "test")).key_dict()["config"][
+            "width"] == 0.25
 
 
 def test_study_with_distillation_rows_and_control(tmp_path, needs_fmnist) -> None:

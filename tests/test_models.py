@@ -56,3 +56,19 @@ def test_students_copy_the_teachers_stem_and_the_tiny_one_halves_it(dist_token: 
     back = load_artifact(tmp_path / "tiny")
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(back.eval()(x), tiny_model.eval()(x))
+
+
+def test_a_quarter_width_tiny_student_is_deit_tis_ratio(tmp_path) -> None:
+    teacher = create_model(ModelSpec("vitc_small"))
+    spec = student_spec("tiny", teacher, dist_token=True, num_classes=10, img_size=28, in_chans=1, width=0.25)
+    # 96 -> 24 channels: one head (two would be 12 wide, under MIN_HEAD_DIM); the stem shrinks alike.
+    assert spec.kwargs["embed_dim"] == 24 and spec.kwargs["num_heads"] == 1
+    assert list(spec.kwargs["stem"]) == [8, 16, 32] and spec.kwargs["depth"] == 4
+    student = create_model(spec)
+    assert student.blocks[0].attn.head_dim == 24 and student.blocks[0].mlp.fc1.out_features == 96
+    half = create_model(student_spec("tiny", teacher, dist_token=True, num_classes=10, img_size=28, in_chans=1))
+    n = [sum(p.numel() for p in m.parameters()) for m in (teacher, half, student)]
+    assert n[2] < 0.4 * n[1] and n[1] < 0.35 * n[0]
+    save_artifact(student, tmp_path / "q", {"model": spec.to_dict(), "steps": []})
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(load_artifact(tmp_path / "q").eval()(x), student.eval()(x))
