@@ -274,11 +274,14 @@ def test_config_rules_and_round_trip() -> None:
             parse_config("distill", bad, "test")
     for name in ("distill", "train"):
         for bad, match in (({"student": "same", "width": 0.25}, "drop it for student same"),
-                           ({"student": "tiny", "width": 1.5}, "in \\(0, 1\\)")):
+                           ({"student": "tiny", "width": 1.5}, "in \\(0, 1\\)"),
+                           ({"student": "same", "heads": 1}, "drop it for student same"),
+                           ({"student": "tiny", "heads": 0}, "heads must be >= 1")):
             with pytest.raises(VitcompressError, match=match):
                 parse_config(name, bad, "test")
         # width is a late option: at its default the cache key of a finished "tiny" row is unchanged.
-        assert "width" not in Step(name, parse_config(name, {"student": "tiny"}, "test")).key_dict()["config"]
+        config = Step(name, parse_config(name, {"student": "tiny"}, "test")).key_dict()["config"]
+        assert "width" not in config and "heads" not in config
         assert Step(name, parse_config(name, {"student": "tiny", "width": 0.25}, "test")).key_dict()["config"][
             "width"] == 0.25
 

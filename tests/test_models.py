@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from vitcompress.artifact import load_artifact, save_artifact
+from vitcompress.errors import VitcompressError
 from vitcompress.methods.distill.students import check_same_layout, student_spec
 from vitcompress.models import ModelSpec, create_model
 from vitcompress.models.presets import ConvStem, build_vit, stem_channels
@@ -72,3 +73,16 @@ def test_a_quarter_width_tiny_student_is_deit_tis_ratio(tmp_path) -> None:
     save_artifact(student, tmp_path / "q", {"model": spec.to_dict(), "steps": []})
     x = torch.randn(3, 1, 28, 28)
     assert torch.equal(load_artifact(tmp_path / "q").eval()(x), student.eval()(x))
+
+
+def test_the_tiny_students_head_count_can_be_set(tmp_path) -> None:
+    teacher = create_model(ModelSpec("vitc_small"))
+    spec = student_spec("tiny", teacher, dist_token=True, num_classes=10, img_size=28, in_chans=1, heads=1)
+    assert spec.kwargs["embed_dim"] == 48 and spec.kwargs["num_heads"] == 1  # the default rule gives 3 of 16
+    student = create_model(spec)
+    assert student.blocks[0].attn.num_heads == 1 and student.blocks[0].attn.head_dim == 48
+    save_artifact(student, tmp_path / "h", {"model": spec.to_dict(), "steps": []})
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(load_artifact(tmp_path / "h").eval()(x), student.eval()(x))
+    with pytest.raises(VitcompressError, match="heads must divide the student's 48 channels"):
+        student_spec("tiny", teacher, dist_token=True, num_classes=10, img_size=28, in_chans=1, heads=5)

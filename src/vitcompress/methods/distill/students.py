@@ -60,13 +60,16 @@ def vitc_deit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     return _vit(True, **kwargs)
 
 
-def quarter_arch(arch: dict[str, Any], width: float = 0.5) -> dict[str, Any]:
+def quarter_arch(arch: dict[str, Any], width: float = 0.5, heads: int | None = None) -> dict[str, Any]:
     """A narrower student at the same depth: ``width`` of the teacher's embedding width (and of its conv
     stem's channels). The default, half the width, has about a quarter of the parameters and of the MACs;
     ``width=0.25`` is DeiT-Ti's ratio to DeiT-B (192 of 768), about 1/16 of the block parameters.
 
     The head count stays the teacher's unless a head would be narrower than
     ``MIN_HEAD_DIM`` channels (vitc_tiny 192/3 heads -> 96/3; vitc_quick 96/4 -> 48/3, at 0.25 -> 24/1).
+    ``heads`` sets it instead; it must divide the student's width. Fewer, wider heads run faster on a
+    CPU at the same MACs (one head of 48 against three of 16: 2.7-2.8x against 2.1-2.2x the teacher,
+    ``docs/results/student_speed/``), since every head is its own small matmul and softmax.
     """
     if not 0 < width <= 1:
         raise VitcompressError(f"width must be in (0, 1], got {width}")
@@ -74,9 +77,14 @@ def quarter_arch(arch: dict[str, Any], width: float = 0.5) -> dict[str, Any]:
     if dim < MIN_HEAD_DIM:
         raise VitcompressError(f"a teacher {arch['embed_dim']} wide is too narrow for a student at width {width} "
                                f"(under {MIN_HEAD_DIM} channels); raise width or name a student model")
-    heads = int(arch["num_heads"])
-    while heads > 1 and (dim % heads or dim // heads < MIN_HEAD_DIM):
-        heads -= 1
+    if heads is not None:
+        if heads < 1 or dim % heads:
+            raise VitcompressError(f"heads must divide the student's {dim} channels (width {width} of "
+                                   f"{arch['embed_dim']}); got {heads}")
+    else:
+        heads = int(arch["num_heads"])
+        while heads > 1 and (dim % heads or dim // heads < MIN_HEAD_DIM):
+            heads -= 1
     out = {**arch, "embed_dim": dim, "num_heads": heads}
     if arch.get("stem"):  # a conv stem shrinks with the blocks, or it would dominate the student's cost
         out["stem"] = [max(8, int(int(c) * width)) for c in arch["stem"]]
@@ -144,15 +152,17 @@ def teacher_arch(teacher: nn.Module) -> dict[str, Any]:
 
 
 def student_spec(choice: str, reference: nn.Module | None, *, dist_token: bool, num_classes: int, img_size: int,
-                 in_chans: int, pretrained: bool = False, width: float | None = None) -> ModelSpec:
+                 in_chans: int, pretrained: bool = False, width: float | None = None,
+                 heads: int | None = None) -> ModelSpec:
     """The spec of the student ``choice`` names; ``reference`` (the teacher) fixes "same" and "tiny"
-    (``width``: tiny's fraction of the teacher's width, None for a half)."""
+    (``width``: tiny's fraction of the teacher's width, None for a half; ``heads``: its head count,
+    None for ``quarter_arch``'s rule)."""
     if choice in ("same", "tiny"):
         if reference is None:
             raise VitcompressError(f"student '{choice}' needs a teacher to copy the layout from")
         arch = teacher_arch(reference)
         if choice == "tiny":
-            arch = quarter_arch(arch, 0.5 if width is None else width)
+            arch = quarter_arch(arch, 0.5 if width is None else width, heads)
         return ModelSpec("vitc_deit" if dist_token else "vitc_vit", num_classes, img_size, in_chans, kwargs=arch)
     if not is_known_model(choice):
         raise VitcompressError(f"unknown student model '{choice}'; use 'same', 'tiny', a preset "
