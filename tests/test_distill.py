@@ -276,12 +276,14 @@ def test_config_rules_and_round_trip() -> None:
         for bad, match in (({"student": "same", "width": 0.25}, "drop it for student same"),
                            ({"student": "tiny", "width": 1.5}, "in \\(0, 1\\)"),
                            ({"student": "same", "heads": 1}, "drop it for student same"),
-                           ({"student": "tiny", "heads": 0}, "heads must be >= 1")):
+                           ({"student": "tiny", "heads": 0}, "heads must be >= 1"),
+                           ({"student": "same", "stem": 0}, "drop it for student same"),
+                           ({"student": "tiny", "stem": -0.5}, "stem is a fraction")):
             with pytest.raises(VitcompressError, match=match):
                 parse_config(name, bad, "test")
         # width is a late option: at its default the cache key of a finished "tiny" row is unchanged.
         config = Step(name, parse_config(name, {"student": "tiny"}, "test")).key_dict()["config"]
-        assert "width" not in config and "heads" not in config
+        assert "width" not in config and "heads" not in config and "stem" not in config
         assert Step(name, parse_config(name, {"student": "tiny", "width": 0.25}, "test")).key_dict()["config"][
             "width"] == 0.25
 

@@ -86,3 +86,21 @@ def test_the_tiny_students_head_count_can_be_set(tmp_path) -> None:
     assert torch.equal(load_artifact(tmp_path / "h").eval()(x), student.eval()(x))
     with pytest.raises(VitcompressError, match="heads must divide the student's 48 channels"):
         student_spec("tiny", teacher, dist_token=True, num_classes=10, img_size=28, in_chans=1, heads=5)
+
+
+def test_the_tiny_students_stem_can_shrink_or_go(tmp_path) -> None:
+    teacher = create_model(ModelSpec("vitc_small"))  # conv stem 32-64-128
+    kw = dict(dist_token=True, num_classes=10, img_size=28, in_chans=1, heads=1)
+    assert student_spec("tiny", teacher, **kw).kwargs["stem"] == [16, 32, 64]  # follows the width by default
+    assert student_spec("tiny", teacher, stem=0.25, **kw).kwargs["stem"] == [8, 16, 32]
+    spec = student_spec("tiny", teacher, stem=0, **kw)
+    assert "stem" not in spec.kwargs
+    student = create_model(spec)
+    assert stem_channels(student) is None and isinstance(student.patch_embed.proj, torch.nn.Conv2d)
+    assert student.patch_embed.proj.kernel_size == (4, 4)  # timm's patch projection at the teacher's patch size
+    x = torch.randn(2, 1, 28, 28)
+    assert student.eval()(x).shape == (2, 10)
+    save_artifact(student, tmp_path / "s", {"model": spec.to_dict(), "steps": []})
+    assert torch.equal(load_artifact(tmp_path / "s").eval()(x), student(x))
+    with pytest.raises(VitcompressError, match="stem is a fraction"):
+        student_spec("tiny", teacher, stem=1.5, **kw)

@@ -35,11 +35,12 @@ class TrainStudentConfig:
     augment: bool | None = field(default=None, metadata=LATE)  # random crop + flip; None: as the baseline trained
     width: float | None = field(default=None, metadata=LATE)  # student "tiny"'s fraction of the width (None: ½)
     heads: int | None = field(default=None, metadata=LATE)  # student "tiny"'s head count (None: as distill's)
+    stem: float | None = field(default=None, metadata=LATE)  # tiny's stem fraction (None: width; 0: no stem)
 
     def __post_init__(self) -> None:
         check(self.student in STUDENT_CHOICES or is_known_model(self.student),
               f"unknown student '{self.student}'; use tiny, same, input or a model name")
-        check_width(self.student, self.width, self.heads)
+        check_width(self.student, self.width, self.heads, self.stem)
         check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
         check(self.lr is None or 0 < self.lr < 10, f"lr must be in (0, 10), got {self.lr}")
         check(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1 or null")
@@ -59,7 +60,8 @@ class TrainStudentConfig:
 )
 def train_student(model: nn.Module, cfg: TrainStudentConfig, ctx: Any) -> StepOutput:
     student, spec = build_student(cfg.student, model, model, ctx, dist_token=cfg.dist_token,
-                                  pretrained=cfg.pretrained, width=cfg.width, heads=cfg.heads)
+                                  pretrained=cfg.pretrained, width=cfg.width, heads=cfg.heads,
+                                  stem=cfg.stem)
     result = ctx.fit(student, desc=f"{ctx.name} (labels only)", **train_kwargs(cfg))
     student = finish(result.model)
     return StepOutput(student, {"student": spec, "params": sum(p.numel() for p in student.parameters()),

@@ -60,11 +60,14 @@ class DistillConfig:
     width: float | None = field(default=None, metadata=LATE)
     # Student "tiny"'s head count (None: the teacher's, fewer if a head would be under 16 channels).
     heads: int | None = field(default=None, metadata=LATE)
+    # Student "tiny"'s conv stem as a fraction of the teacher's channels (None: as width; 0: no stem, a plain
+    # patch projection, as DeiT's students have).
+    stem: float | None = field(default=None, metadata=LATE)
 
     def __post_init__(self) -> None:
         check(self.student in STUDENT_CHOICES or is_known_model(self.student),
               f"unknown student '{self.student}'; use same, tiny, input or a model name")
-        check_width(self.student, self.width, self.heads)
+        check_width(self.student, self.width, self.heads, self.stem)
         check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
         check(self.tau > 0, f"tau must be > 0, got {self.tau}")
         check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
@@ -116,24 +119,27 @@ def _create_teacher(name: str, ctx: Any) -> nn.Module:
         return timm.create_model(name, **kwargs)
 
 
-def check_width(student: str, width: float | None, heads: int | None = None) -> None:
-    """The one-line errors for a student's ``width`` and ``heads`` settings (the "tiny" student's layout);
+def check_width(student: str, width: float | None, heads: int | None = None, stem: float | None = None) -> None:
+    """The one-line errors for a student's ``width``, ``heads`` and ``stem`` settings (the "tiny" student's layout);
     whether ``heads`` divides the width is checked when the teacher is known (``quarter_arch``)."""
     check(width is None or student == "tiny", f"width sets the 'tiny' student's width; drop it for student {student}")
     check(width is None or 0 < width < 1, f"width is a fraction of the teacher's width in (0, 1), got {width}")
     check(heads is None or student == "tiny", f"heads sets the 'tiny' student's head count; drop it for student {student}")
     check(heads is None or heads >= 1, f"heads must be >= 1, got {heads}")
+    check(stem is None or student == "tiny", f"stem sets the 'tiny' student's conv stem; drop it for student {student}")
+    check(stem is None or 0 <= stem <= 1, f"stem is a fraction of the teacher's stem channels in [0, 1] "
+                                          f"(0: a plain patch projection), got {stem}")
 
 
 def build_student(choice: str, reference: nn.Module, incoming: nn.Module, ctx: Any, *, dist_token: bool,
                   pretrained: bool, width: float | None = None,
-                  heads: int | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+                  heads: int | None = None, stem: float | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
     """The student module and the spec that rebuilds it (None for "input", which keeps ``incoming``)."""
     if choice == "input":
         return incoming, None
     spec = student_spec(choice, reference, dist_token=dist_token, num_classes=ctx.num_classes,
                         img_size=ctx.img_size, in_chans=ctx.in_chans, pretrained=pretrained, width=width,
-                        heads=heads)
+                        heads=heads, stem=stem)
     student = create_model(spec)
     if choice == "same":
         check_same_layout(student, reference)
@@ -175,7 +181,8 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
     # model's (the baseline's in a study): DeiT's setting, a ViT student taught by a convnet.
     layout = model if not isinstance(teacher, VisionTransformer) and isinstance(model, VisionTransformer) else teacher
     student, spec = build_student(cfg.student, layout, model, ctx, dist_token=cfg.uses_token,
-                                  pretrained=cfg.pretrained, width=cfg.width, heads=cfg.heads)
+                                  pretrained=cfg.pretrained, width=cfg.width, heads=cfg.heads,
+                                  stem=cfg.stem)
     if student is teacher:
         raise VitcompressError("student 'input' is the teacher here; name a teacher (teacher: ARTIFACT_DIR)")
     if cfg.init_from_teacher:

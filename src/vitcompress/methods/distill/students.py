@@ -60,7 +60,8 @@ def vitc_deit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     return _vit(True, **kwargs)
 
 
-def quarter_arch(arch: dict[str, Any], width: float = 0.5, heads: int | None = None) -> dict[str, Any]:
+def quarter_arch(arch: dict[str, Any], width: float = 0.5, heads: int | None = None,
+                 stem: float | None = None) -> dict[str, Any]:
     """A narrower student at the same depth: ``width`` of the teacher's embedding width (and of its conv
     stem's channels). The default, half the width, has about a quarter of the parameters and of the MACs;
     ``width=0.25`` is DeiT-Ti's ratio to DeiT-B (192 of 768), about 1/16 of the block parameters.
@@ -70,6 +71,11 @@ def quarter_arch(arch: dict[str, Any], width: float = 0.5, heads: int | None = N
     ``heads`` sets it instead; it must divide the student's width. Fewer, wider heads run faster on a
     CPU at the same MACs (one head of 48 against three of 16: 2.7-2.8x against 2.1-2.2x the teacher,
     ``docs/results/student_speed/``), since every head is its own small matmul and softmax.
+
+    A teacher's conv stem shrinks by ``width`` too, or by ``stem`` (a fraction of its channels) where given;
+    ``stem=0`` gives the student timm's plain patch projection instead, DeiT's setting: a ViT student with
+    no convolutions, taught by a teacher that has them. The stem is a fifth of the half-width student's
+    time on a CPU (one head, no stem: 4.0x the teacher against 2.7-2.8x with a half-width stem).
     """
     if not 0 < width <= 1:
         raise VitcompressError(f"width must be in (0, 1], got {width}")
@@ -85,9 +91,13 @@ def quarter_arch(arch: dict[str, Any], width: float = 0.5, heads: int | None = N
         heads = int(arch["num_heads"])
         while heads > 1 and (dim % heads or dim // heads < MIN_HEAD_DIM):
             heads -= 1
+    if stem is not None and not 0 <= stem <= 1:
+        raise VitcompressError(f"stem is a fraction of the teacher's stem channels in [0, 1], got {stem}")
     out = {**arch, "embed_dim": dim, "num_heads": heads}
-    if arch.get("stem"):  # a conv stem shrinks with the blocks, or it would dominate the student's cost
-        out["stem"] = [max(8, int(int(c) * width)) for c in arch["stem"]]
+    out.pop("stem", None)
+    frac = width if stem is None else stem
+    if arch.get("stem") and frac > 0:  # a conv stem shrinks with the blocks, or it would dominate the student's cost
+        out["stem"] = [max(8, int(int(c) * frac)) for c in arch["stem"]]
     return out
 
 
@@ -153,16 +163,17 @@ def teacher_arch(teacher: nn.Module) -> dict[str, Any]:
 
 def student_spec(choice: str, reference: nn.Module | None, *, dist_token: bool, num_classes: int, img_size: int,
                  in_chans: int, pretrained: bool = False, width: float | None = None,
-                 heads: int | None = None) -> ModelSpec:
+                 heads: int | None = None, stem: float | None = None) -> ModelSpec:
     """The spec of the student ``choice`` names; ``reference`` (the teacher) fixes "same" and "tiny"
     (``width``: tiny's fraction of the teacher's width, None for a half; ``heads``: its head count,
-    None for ``quarter_arch``'s rule)."""
+    None for ``quarter_arch``'s rule; ``stem``: its conv stem's fraction of the teacher's, None for
+    ``width``, 0 for a plain patch projection)."""
     if choice in ("same", "tiny"):
         if reference is None:
             raise VitcompressError(f"student '{choice}' needs a teacher to copy the layout from")
         arch = teacher_arch(reference)
         if choice == "tiny":
-            arch = quarter_arch(arch, 0.5 if width is None else width, heads)
+            arch = quarter_arch(arch, 0.5 if width is None else width, heads, stem)
         return ModelSpec("vitc_deit" if dist_token else "vitc_vit", num_classes, img_size, in_chans, kwargs=arch)
     if not is_known_model(choice):
         raise VitcompressError(f"unknown student model '{choice}'; use 'same', 'tiny', a preset "
