@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from vitcompress.errors import VitcompressError
 from vitcompress.measure import _Threads, available_cores, count_macs, environment
 from vitcompress.measure.bench import paired_ratios, time_interleaved
 from vitcompress.measure.runtimes import as_module, deploy
@@ -42,19 +43,14 @@ def parse_layout(text: str, teacher: dict[str, Any]) -> tuple[dict[str, Any], bo
     unknown = set(opts) - {"w", "h", "d", "stem", "tok"}
     if unknown:
         raise SystemExit(f"layout {text!r}: unknown key(s) {sorted(unknown)}; use w, h, d, stem, tok")
-    width = float(opts.get("w", 1.0))
-    arch = quarter_arch(teacher, width) if width < 1 else dict(teacher)
-    if "h" in opts:
-        arch["num_heads"] = int(opts["h"])
-        if arch["embed_dim"] % arch["num_heads"]:
-            raise SystemExit(f"layout {text!r}: {arch['embed_dim']} channels do not split into {opts['h']} heads")
+    heads = int(opts["h"]) if "h" in opts else None
+    stem = float(opts["stem"]) if "stem" in opts else None
+    try:  # the distill step's own rule for a student's layout, so what is timed here is what it builds
+        arch = quarter_arch(teacher, float(opts.get("w", 1.0)), heads, stem)
+    except VitcompressError as err:
+        raise SystemExit(f"layout {text!r}: {err}") from None
     if "d" in opts:
         arch["depth"] = int(opts["d"])
-    if "stem" in opts:
-        frac = float(opts["stem"])
-        arch.pop("stem", None)
-        if frac > 0 and teacher.get("stem"):
-            arch["stem"] = [max(8, int(int(c) * frac)) for c in teacher["stem"]]
     return arch, bool(int(opts.get("tok", 1)))
 
 
