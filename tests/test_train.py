@@ -75,3 +75,29 @@ def test_schedule_warms_up_then_decays_to_min_lr() -> None:
 def test_too_few_images_for_one_batch(tmp_path) -> None:
     with pytest.raises(VitcompressError, match="lower train.batch_size"):
         _fit(tmp_path, TrainConfig(epochs=1, batch_size=1024, mixed_precision="no"))
+
+
+def test_a_trained_model_carries_nothing_of_accelerate_and_trains_again(tmp_path) -> None:
+    # accelerate marks a prepared model and never moves it again (on a GPU a second fit of the same
+    # object stayed on the CPU), and under mixed precision it swaps `forward` for an autocast wrapper.
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, mixed_precision="bf16")
+    model = create_model(ModelSpec("vitc_micro"))
+    x = _data(8).images.float() / 255
+    for run in ("first", "second"):  # gates then fine-tune: the same object through fit twice
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model = fit(model, _data(), cfg, work_dir=tmp_path / run, img_size=28, in_chans=1, progress=False).model
+        assert not hasattr(model, "_is_accelerate_prepared") and "forward" not in vars(model)
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it did train
+        with torch.no_grad():
+            out = model(x)
+            assert out.dtype == torch.float32
+            assert torch.equal(out, type(model).forward(model, x))  # plain fp32, no autocast left on
+
+
+def test_a_forward_the_model_set_itself_survives_training(tmp_path) -> None:
+    model = create_model(ModelSpec("vitc_micro"))
+    own = model.forward
+    model.forward = own  # an instance-level forward, as a wrapper library might set
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, mixed_precision="bf16")
+    model = fit(model, _data(), cfg, work_dir=tmp_path, img_size=28, in_chans=1, progress=False).model
+    assert vars(model)["forward"] is own

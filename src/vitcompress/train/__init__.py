@@ -96,6 +96,29 @@ def get_accelerator(mixed_precision: str = "no") -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def _strip_accelerate(model: nn.Module, forward: Any = None, *, before: bool) -> Any:
+    """Remove what ``accelerate.prepare`` leaves on a model.
+
+    accelerate marks a model it prepared (``_is_accelerate_prepared``) and from then on returns it
+    unmoved, and under mixed precision it replaces ``forward`` with an autocast wrapper; both
+    outlive ``unwrap_model``. A model trained twice (gates then fine-tune, or a chain's second
+    training step on a deep copy) then stayed on the CPU on a GPU machine, and every later forward
+    of a trained model ran under bf16 autocast. ``before`` (ahead of ``prepare``) returns the
+    instance-level ``forward`` the model set itself, if any; after training, ``forward`` is put
+    back (``None``: the class's forward again).
+    """
+    d = model.__dict__
+    d.pop("_is_accelerate_prepared", None)
+    d.pop("_original_forward", None)
+    if before:
+        return d.get("forward")
+    if forward is None:
+        d.pop("forward", None)
+    else:
+        d["forward"] = forward
+    return forward
+
+
 def default_loss(label_smoothing: float) -> LossFn:
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
@@ -200,6 +223,8 @@ def fit(
         history = json.loads(state["history"])
         seconds_before = float(state["seconds"])
 
+    own_forward = _strip_accelerate(model, before=True)
+    model.to(accelerator.device)
     model, opt = accelerator.prepare(model, opt)
     for extra in extra_modules:
         extra.to(accelerator.device).eval()
@@ -268,7 +293,9 @@ def fit(
             _save_checkpoint(ckpt_path, accelerator.unwrap_model(model), opt, epoch + 1, step, history,
                              seconds_before + time.perf_counter() - t0)
         accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model).cpu().eval()
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    _strip_accelerate(model, own_forward, before=False)
+    model = model.cpu().eval()
     for extra in extra_modules:
         extra.cpu()
     return TrainResult(model, history, seconds_before + time.perf_counter() - t0, start_epoch)
