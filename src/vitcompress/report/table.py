@@ -414,8 +414,10 @@ def _legend(has_pareto: bool, has_top5: bool, speed_ref: SpeedReference | None =
         "- **Model**: the architecture the experiment started from.",
         "- **Method**: the experiment's name; its compression steps are in `results.csv` (column `steps`).",
         "- **Accuracy (%)**: top-1 accuracy on the test split, in percent.",
-        "- **GPU Speed (img/s)**: images per second on a GPU; — means it was not measured "
-        "(no GPU in this run, or a runtime that cannot use one). It is never estimated.",
+        "- **GPU Speed (img/s)**: images per second of the row's PyTorch model, eager and in its own "
+        "precision, on the GPU named under Hardware, at the batch size above. A quantized row runs there as "
+        "its float simulation (fake quantization), never in integer arithmetic; PyTorch's int8 modules have "
+        "no CUDA kernels, so their rows show —, as does every row of a run without a GPU. It is never estimated.",
         "- **CPU Speed (img/s)**: images per second on the CPU, at the batch size and thread count above.",
         "- **Size (MB)**: bytes of the saved artifact file / 10⁶, measured from the file, "
         "not estimated from parameter counts.",
