@@ -56,6 +56,12 @@ def test_study_writes_rows_artifacts_report_and_resumes(tmp_path) -> None:
     assert "★" in before["report.md"] and "vitcompress study: " in before["report.md"]
     assert main(["report", str(tmp_path / "run")]) == 0
     assert {name: (tmp_path / "run" / name).read_text() for name in before} == before
+    # ... and from a copy without its artifacts, as committed under docs/results/.
+    (tmp_path / "copy").mkdir()
+    for name in ("results.jsonl", "run.json"):
+        (tmp_path / "copy" / name).write_text((tmp_path / "run" / name).read_text())
+    assert main(["report", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "report.md").read_text() == before["report.md"]
 
     # Resume: nothing re-runs, the artifacts are not rewritten.
     arts = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "artifacts").rglob("model.safetensors")}

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..artifact import load_artifact, read_meta, save_artifact, size_on_disk, upgrade_artifact
+from ..artifact import META_FILE, load_artifact, read_meta, save_artifact, size_on_disk, upgrade_artifact
 from ..config import to_dict
 from ..data import ImageTensorDataset, load_split, make_loader
 from ..errors import VitcompressError
@@ -435,10 +435,14 @@ def _importance_plots(run_dir: Path, rows: list[dict[str, Any]], report_path: Pa
     for r in rows:
         if r.get("status") != "ok":
             continue
-        meta = read_meta(run_dir / Path(r["artifact"]).parent)
-        for i, st in enumerate(meta.get("steps", [])):
+        slug = "".join(c if c.isalnum() else "_" for c in r["name"]).strip("_").lower()
+        art = run_dir / Path(r["artifact"]).parent
+        if not (art / META_FILE).is_file():
+            # A run folder copied without its artifacts (docs/results/): keep the plots drawn before.
+            paths += sorted((run_dir / "plots").glob(f"importance_{slug}_*.png"))
+            continue
+        for i, st in enumerate(read_meta(art).get("steps", [])):
             if "importance" in (st.get("meta") or {}):
-                slug = "".join(c if c.isalnum() else "_" for c in r["name"]).strip("_").lower()
                 path = run_dir / "plots" / f"importance_{slug}_{i}.png"
                 plot_importance(st["meta"], path)
                 paths.append(path)
