@@ -43,6 +43,14 @@ def test_unknown_keys_are_rejected_everywhere() -> None:
     assert "experiments[0].steps[0].ptq.dynamic: unknown key 'bitz'" in _err(d)
 
 
+def test_an_experiment_note_is_one_line_of_text() -> None:
+    d = tiny_recipe_dict()
+    d["experiments"][0]["note"] = "a smoke row:\n  one epoch"
+    assert parse_recipe(d).experiments[0].note == "a smoke row: one epoch"
+    d["experiments"][0]["note"] = 3
+    assert "experiments[0]: 'note' must be a string" in _err(d)
+
+
 def test_wrong_types_and_ranges() -> None:
     d = tiny_recipe_dict()
     d["baseline"]["train"]["epochs"] = "three"

@@ -334,6 +334,16 @@ def test_write_csv_round_trips_values(rows: list[dict[str, Any]], tmp_path: Path
     assert read[3]["status"] == "failed" and read[3]["error"] == "no GPU: TensorRT needs CUDA"
 
 
+def test_notes_are_listed_under_the_table_in_markdown_and_terminal(rows: list[dict[str, Any]]) -> None:
+    rows[2]["note"] = "one epoch on 10k images:\n a smoke row"
+    markdown = render_markdown(rows)
+    assert _section(markdown, "Notes").strip() == "- **Pruned 50%**: one epoch on 10k images: a smoke row"
+    assert "one epoch" not in _section(markdown, "Results")
+    assert "Pruned 50%: one epoch on 10k images: a smoke row" in str(render_terminal_table(rows).caption)
+    del rows[2]["note"]
+    assert "## Notes" not in render_markdown(rows)
+
+
 def test_render_terminal_table_has_main_columns_and_ok_rows(rows: list[dict[str, Any]]) -> None:
     table = render_terminal_table(rows)
     headers = [str(column.header) for column in table.columns]

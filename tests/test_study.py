@@ -79,6 +79,15 @@ def test_study_writes_rows_artifacts_report_and_resumes(tmp_path) -> None:
     assert [r["name"] for r in _rows(tmp_path / "run")] == ["Vanilla ViT", "Dynamic Quantization", "Per-tensor"]
     assert not any("training baseline" in m for m in logs)
 
+    # A note added to the recipe reaches the finished row and the report without re-running it.
+    d["experiments"][0]["note"] = "per-channel weight scales"
+    logs.clear()
+    run_study(parse_recipe(d), tmp_path / "run", progress=False, log=logs.append)
+    assert sum("already measured" in m for m in logs) == 3
+    assert {r["name"]: r.get("note") for r in _rows(tmp_path / "run")} == {
+        "Vanilla ViT": None, "Dynamic Quantization": "per-channel weight scales", "Per-tensor": None}
+    assert "- **Dynamic Quantization**: per-channel weight scales" in (tmp_path / "run" / "report.md").read_text()
+
 
 def test_run_dir_of_another_baseline_is_refused(tmp_path) -> None:
     run_study(parse_recipe(tiny_recipe_dict(experiments=[])), tmp_path / "run", progress=False, log=lambda m: None)

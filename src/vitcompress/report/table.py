@@ -500,6 +500,12 @@ def render_markdown(
         out.append("_No experiment finished._")
     out.append("")
 
+    noted = [row for row in rows if row.get("note")]
+    if noted:
+        out += ["## Notes", ""]
+        out += [f"- **{_md(row.get('name', DASH))}**: {' '.join(str(row['note']).split())}" for row in noted]
+        out.append("")
+
     if failed:
         out += ["## Failed experiments", ""]
         for row in failed:
@@ -588,6 +594,12 @@ def render_terminal_table(rows: list[dict[str, Any]]) -> Table:
     if reference is not None and speed_ref.runtime:
         caption.append(f"CPU speed-up: vs {reference.get('name', DASH)} on {speed_ref.runtime}"
                        + (" (its fastest float runtime)" if len(speed_ref.measured_on) > 1 else ""))
+    for row in rows:
+        if row.get("note"):
+            if caption:
+                caption.append("\n")
+            caption.append(f"{row.get('name', DASH)}: ", style="bold")
+            caption.append(" ".join(str(row["note"]).split()))
     failed = [row for row in rows if not is_ok(row)]
     if failed:
         if caption:

@@ -78,6 +78,7 @@ class Step:
 class Experiment:
     name: str
     steps: tuple[Step, ...]
+    note: str = ""  # shown under the report's table: how to read this row (a smoke budget, say)
 
     @property
     def method(self) -> str:
@@ -151,9 +152,10 @@ def _parse_steps(raw: Any, where: str) -> tuple[Step, ...]:
 def _parse_experiment(raw: Any, where: str) -> Experiment:
     if not isinstance(raw, dict):
         raise VitcompressError(f"{where}: an experiment is a mapping with 'name' and 'steps'")
-    unknown = set(raw) - {"name", "steps", "method", "params"}
+    unknown = set(raw) - {"name", "steps", "method", "params", "note"}
     if unknown:
-        raise VitcompressError(f"{where}: unknown key '{sorted(unknown)[0]}'; allowed: name, steps (or method, params)")
+        raise VitcompressError(f"{where}: unknown key '{sorted(unknown)[0]}'; allowed: name, steps (or method, "
+                               "params), note")
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         raise VitcompressError(f"{where}: 'name' must be a non-empty string")
@@ -165,7 +167,10 @@ def _parse_experiment(raw: Any, where: str) -> Experiment:
         raise VitcompressError(f"{where}: 'params' needs 'method'")
     else:
         steps_raw = raw.get("steps")
-    return Experiment(name.strip(), _parse_steps(steps_raw, f"{where}.steps"))
+    note = raw.get("note") or ""
+    if not isinstance(note, str):
+        raise VitcompressError(f"{where}: 'note' must be a string (one line on how to read the row)")
+    return Experiment(name.strip(), _parse_steps(steps_raw, f"{where}.steps"), " ".join(note.split()))
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:

@@ -407,6 +407,8 @@ class Study:
                 return StudyResult(self.run_dir, rows, {})
             wanted = {self.recipe.baseline.name, *(e.name for e in self.recipe.experiments)}
             every, rows = rows, [r for r in rows if r.get("name") in wanted]
+            if _set_notes(rows, {e.name: e.note for e in self.recipe.experiments if e.note}):
+                write_rows(self.results_path, every)  # the recipe's notes, also for rows finished before
             if self.recipe.measure.interleave and needs_retime(rows):
                 # Updates the dicts of `rows` in place (they are also in `every`); then every row goes back.
                 retime_rows(rows, self.run_dir, self._example(), self.recipe.measure, log=self.log)
@@ -415,6 +417,20 @@ class Study:
                     "dataset": self.recipe.data.name}
             report = render_run(self.run_dir, rows, meta)
         return StudyResult(self.run_dir, rows, report)
+
+
+def _set_notes(rows: list[dict[str, Any]], notes: dict[str, str]) -> bool:
+    """Give each row its recipe note (none where the recipe has none); whether any row changed."""
+    changed = False
+    for r in rows:
+        want = notes.get(r.get("name", ""))
+        if r.get("note") != want:
+            if want is None:
+                r.pop("note", None)
+            else:
+                r["note"] = want
+            changed = True
+    return changed
 
 
 def render_run(run_dir: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
