@@ -101,3 +101,22 @@ def test_a_forward_the_model_set_itself_survives_training(tmp_path) -> None:
     cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, mixed_precision="bf16")
     model = fit(model, _data(), cfg, work_dir=tmp_path, img_size=28, in_chans=1, progress=False).model
     assert vars(model)["forward"] is own
+
+
+def test_training_uses_deterministic_cudnn_and_restores_the_setting(tmp_path) -> None:
+    import torch.backends.cudnn as cudnn
+
+    seen = []
+
+    def loss(model, x, y):
+        seen.append((cudnn.deterministic, cudnn.benchmark))
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    before = cudnn.deterministic, cudnn.benchmark
+    cudnn.benchmark = True
+    try:
+        _fit(tmp_path, TrainConfig(epochs=1, batch_size=64, mixed_precision="no"), loss_fn=loss)
+        assert seen and set(seen) == {(True, False)}
+        assert (cudnn.deterministic, cudnn.benchmark) == (before[0], True)
+    finally:
+        cudnn.deterministic, cudnn.benchmark = before

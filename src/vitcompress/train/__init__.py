@@ -9,6 +9,8 @@ resume. Under ``accelerate launch`` the same code runs data-parallel.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -175,6 +177,32 @@ def _load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
 
 
+@contextlib.contextmanager
+def _deterministic_cudnn() -> Any:
+    """cuDNN's deterministic convolution algorithms while training, the previous setting after.
+
+    Same recipe and seed should give the same weights on a GPU as they do on the CPU; left to its
+    heuristics cuDNN may pick backward algorithms for the conv stem / patch projection that add
+    with atomics, in a different order each run. No effect without cuDNN.
+    """
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+
+
+def _with_deterministic_cudnn(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _deterministic_cudnn():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_with_deterministic_cudnn
 def fit(
     model: nn.Module,
     train_ds: Any,
