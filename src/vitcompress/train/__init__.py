@@ -10,7 +10,6 @@ resume. Under ``accelerate launch`` the same code runs data-parallel.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -98,27 +97,23 @@ def get_accelerator(mixed_precision: str = "no") -> Any:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def _strip_accelerate(model: nn.Module, forward: Any = None, *, before: bool) -> Any:
-    """Remove what ``accelerate.prepare`` leaves on a model.
+def _strip_accelerate(model: nn.Module, forward: Any) -> None:
+    """Remove what ``accelerate.prepare`` leaves on a model, and give it ``forward`` back.
 
     accelerate marks a model it prepared (``_is_accelerate_prepared``) and from then on returns it
     unmoved, and under mixed precision it replaces ``forward`` with an autocast wrapper; both
     outlive ``unwrap_model``. A model trained twice (gates then fine-tune, or a chain's second
     training step on a deep copy) then stayed on the CPU on a GPU machine, and every later forward
-    of a trained model ran under bf16 autocast. ``before`` (ahead of ``prepare``) returns the
-    instance-level ``forward`` the model set itself, if any; after training, ``forward`` is put
-    back (``None``: the class's forward again).
+    of a trained model ran under bf16 autocast. ``forward`` is the instance-level forward the model
+    had before training (``None``: the class's).
     """
-    d = model.__dict__
+    d = vars(model)
     d.pop("_is_accelerate_prepared", None)
     d.pop("_original_forward", None)
-    if before:
-        return d.get("forward")
     if forward is None:
         d.pop("forward", None)
     else:
         d["forward"] = forward
-    return forward
 
 
 def default_loss(label_smoothing: float) -> LossFn:
@@ -193,16 +188,7 @@ def _deterministic_cudnn() -> Any:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
-def _with_deterministic_cudnn(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _deterministic_cudnn():
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-@_with_deterministic_cudnn
+@_deterministic_cudnn()  # a contextmanager is also a decorator: each call of fit enters it
 def fit(
     model: nn.Module,
     train_ds: Any,
@@ -251,8 +237,8 @@ def fit(
         history = json.loads(state["history"])
         seconds_before = float(state["seconds"])
 
-    own_forward = _strip_accelerate(model, before=True)
-    model.to(accelerator.device)
+    own_forward = vars(model).get("forward")
+    _strip_accelerate(model, own_forward)  # unmarked, prepare places it on the device
     model, opt = accelerator.prepare(model, opt)
     for extra in extra_modules:
         extra.to(accelerator.device).eval()
@@ -322,7 +308,7 @@ def fit(
                              seconds_before + time.perf_counter() - t0)
         accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    _strip_accelerate(model, own_forward, before=False)
+    _strip_accelerate(model, own_forward)
     model = model.cpu().eval()
     for extra in extra_modules:
         extra.cpu()
