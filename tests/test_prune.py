@@ -54,11 +54,12 @@ def _ctx(tmp_path, teacher: nn.Module | None = None) -> StepContext:
                        teacher=teacher, calib_images=64, progress=False)
 
 
-def _plan(model: nn.Module, ratio: float, attention: str | None, stem: bool = False, ranking: str = "global"):
+def _plan(model: nn.Module, ratio: float, attention: str | None, stem: bool = False, ranking: str = "global",
+          max_heads: int | None = None):
     groups = find_groups(model, stem=stem)
     mags = magnitude_importance(model, groups)
     return plan_pruning(groups, mags, mags, ratio=ratio, total_params=_params(model), attention=attention,
-                        min_keep=0.1, ranking=ranking)
+                        min_keep=0.1, ranking=ranking, max_heads=max_heads)
 
 
 def _expected_params(model: nn.Module, plans) -> int:
@@ -93,6 +94,36 @@ def test_parameter_count_matches_the_plan_and_the_ratio(attention, ratio) -> Non
         assert all(len(p.dims[0]) == 24 for p in plans.blocks)  # whole heads go, dims never
     if attention == "dim":
         assert all(len(p.heads) == 4 for p in plans.blocks)  # heads stay, dims go
+
+
+@pytest.mark.parametrize("attention", ["head", "dim"])
+@pytest.mark.parametrize("ranking", ["global", "layer"])
+def test_max_heads_drops_the_weakest_heads_and_keeps_the_ratio(attention, ranking) -> None:
+    model = _model(QUICK)  # 4 heads of 24 dims per block
+    groups = find_groups(model)
+    mags = magnitude_importance(model, groups)
+    plans, removed = _plan(model, 0.5, attention, ranking=ranking, max_heads=2)
+    pruned = apply_plans(copy.deepcopy(model), plans)
+    assert _params(pruned) == _expected_params(model, plans) == _params(model) - removed
+    assert abs(removed / _params(model) - 0.5) <= 0.02 * 0.5
+    attn = [mags[i] for i, g in enumerate(groups) if g.kind == "attn"]
+    for plan, blk, score in zip(plans.blocks, pruned.blocks, attn, strict=True):
+        assert len(plan.heads) <= 2
+        assert blk.attn.num_heads == len(plan.heads) and blk.attn.head_dim == len(plan.dims[0])
+        strongest = set(torch.argsort(score.heads, descending=True)[:2].tolist())
+        assert set(plan.heads) <= strongest  # the heads kept are among the two with the highest score
+    if attention == "dim":
+        assert all(len(p.heads) == 2 for p in plans.blocks)
+    x = torch.randn(3, 1, 28, 28)
+    assert pruned(x).shape == (3, 10)
+
+
+def test_max_heads_that_alone_exceeds_the_ratio_is_refused() -> None:
+    model = _model(QUICK)
+    with pytest.raises(VitcompressError, match="raise ratio or max_heads"):
+        _plan(model, 0.1, "dim", max_heads=1)  # 3 of 4 heads in every block is ~27% of the parameters
+    with pytest.raises(VitcompressError, match="max_heads must be at least 1"):
+        get_method("prune.structured").config_cls(max_heads=0)
 
 
 def test_floor_keeps_every_layer_and_refuses_impossible_ratios() -> None:
@@ -519,3 +550,21 @@ def test_pruning_refuses_a_merged_model(tmp_path) -> None:
     merged, _, _ = apply_merging(_model(MICRO), TokenMergeConfig(r=2))
     with pytest.raises(VitcompressError, match="before tokens.merge"):
         find_groups(merged)
+
+
+def test_attention_heads_benchmark_quick_runs(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_heads.py"
+    out = tmp_path / "heads.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    layouts = {(r["runtime"], r["layout"]) for r in rows}
+    assert {("eager", "4x24"), ("eager", "4x6")} <= layouts
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["speed_vs_4x24"] == 1.0 for r in rows if r["layout"] == "4x24")

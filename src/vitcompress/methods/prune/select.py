@@ -27,6 +27,13 @@ one ``head_dim`` for all heads (its fused qkv is reshaped to (3, heads,
 head_dim)), so with head dims the same number of dims goes from every head of a
 block: the removable unit is a *slot*, the j-th least important dim of every
 head, ranked by their summed score.
+
+``max_heads`` caps the heads a block keeps: its least important heads (by whole-head score) go
+first, their parameters counted in the budget (and in the layer's share), and the rest of the
+budget is taken as above among the heads kept. It exists for speed: on a CPU, attention's cost
+grows with the number of heads far more than with their width (the softmax and the per-head
+products; OpenVINO on vitc_small's 50 tokens, benchmarks/attention_heads.py), so four heads of
+6 dims run about as slowly as four of 24, while two of 12 hold the same parameters.
 """
 
 from __future__ import annotations
@@ -74,6 +81,8 @@ class _Queue:
     items: list[tuple[int, ...]]  # what each entry removes: a head, a slot (its dim in every head) or a channel
     taken: int = 0
     shared: tuple[tuple[int, int], ...] = ()  # (queue index, parameters shared per unit pair), see CoupledGroup
+    heads: tuple[int, ...] | None = None  # slots: the heads they run over (max_heads); None: every head
+    forced: int = 0  # parameters removed before ranking (the heads max_heads drops)
 
     def next_cost(self, queues: list[_Queue]) -> int:
         """Parameters the next unit removes: its own, less those already gone with the units of a neighbour."""
@@ -87,11 +96,13 @@ def _order(score: torch.Tensor, tiebreak: torch.Tensor) -> list[int]:
 
 
 def _queues(groups: list[CoupledGroup], scores: list[GroupScores], mags: list[GroupScores],
-            attention: AttentionUnit | None, min_keep: float, per: Literal["parameter", "unit"]) -> list[_Queue]:
+            attention: AttentionUnit | None, min_keep: float, per: Literal["parameter", "unit"],
+            max_heads: int | None = None) -> list[_Queue]:
     queues = []
     for gi, (g, s, m) in enumerate(zip(groups, scores, mags, strict=True)):
         if g.kind == "attn" and attention is None:
             continue
+        forced, kept_heads, pre_taken = 0, None, 0
         if g.kind == "attn" and attention == "head":
             assert s.heads is not None and m.heads is not None
             n, cost = g.shape[0], g.head_cost
@@ -99,15 +110,24 @@ def _queues(groups: list[CoupledGroup], scores: list[GroupScores], mags: list[Gr
             order = _order(s.heads, m.heads)
             keys = [(s.heads[i].item() / div, m.heads[i].item() / cost) for i in order]
             items = [(i,) for i in order]
+            if max_heads is not None:
+                pre_taken = max(0, n - max_heads)  # the least important heads, taken before the ranking
         elif g.kind == "attn":
-            n, cost = g.shape[1], g.unit_cost * g.shape[0]
-            div = cost if per == "parameter" else g.shape[0]
-            per_head = [_order(s.units[h], m.units[h]) for h in range(g.shape[0])]
-            items = [tuple(per_head[h][j] for h in range(g.shape[0])) for j in range(n)]
+            heads = list(range(g.shape[0]))
+            if max_heads is not None and max_heads < g.shape[0]:
+                hs = s.heads if s.heads is not None else s.units.sum(1)
+                hm = m.heads if m.heads is not None else m.units.sum(1)
+                heads = sorted(_order(hs, hm)[g.shape[0] - max_heads:])
+                kept_heads = tuple(heads)
+                forced = (g.shape[0] - max_heads) * g.head_cost
+            n, cost = g.shape[1], g.unit_cost * len(heads)
+            div = cost if per == "parameter" else len(heads)
+            per_head = [_order(s.units[h], m.units[h]) for h in heads]
+            items = [tuple(per_head[k][j] for k in range(len(heads))) for j in range(n)]
             # A slot's score is a sum of per-head j-th smallest scores, so it rises with j: the queue
             # order is the ranking order.
-            keys = [(sum(s.units[h, d].item() for h, d in enumerate(slot)) / div,
-                     sum(m.units[h, d].item() for h, d in enumerate(slot)) / cost) for slot in items]
+            keys = [(sum(s.units[h, d].item() for h, d in zip(heads, slot)) / div,
+                     sum(m.units[h, d].item() for h, d in zip(heads, slot)) / cost) for slot in items]
         else:
             n, cost = g.shape[0], g.unit_cost
             div = cost if per == "parameter" else 1
@@ -116,7 +136,11 @@ def _queues(groups: list[CoupledGroup], scores: list[GroupScores], mags: list[Gr
             items = [(i,) for i in order]
         unit = "channel" if g.kind != "attn" else ("head" if attention == "head" else "slot")
         keep = max(1, math.ceil(min_keep * n))
-        queues.append(_Queue(gi, unit, keys[: n - keep], cost, items[: n - keep]))
+        if pre_taken:
+            keep = min(keep, n - pre_taken)  # max_heads wins over the floor (it keeps at least one head)
+            forced = pre_taken * cost
+        queues.append(_Queue(gi, unit, keys[: n - keep], cost, items[: n - keep], taken=pre_taken,
+                             heads=kept_heads, forced=forced))
     at = {q.group: qi for qi, q in enumerate(queues)}
     for q in queues:
         q.shared = tuple((at[gi], per_pair) for gi, per_pair in groups[q.group].shared if gi in at)
@@ -132,7 +156,8 @@ def _take(queues: list[_Queue], budget: int, limits: list[int] | None = None) ->
         _, qi = heapq.heappop(heap)
         q = queues[qi]
         cost = q.next_cost(queues)
-        over_layer = limits is not None and (q.taken + 1) * q.cost > limits[qi]
+        done = q.taken * q.cost + (q.forced if q.unit == "slot" else 0)
+        over_layer = limits is not None and done + q.cost > limits[qi]
         if removed + cost > budget or over_layer:
             continue  # this layer's next unit does not fit; the layer stays where it is
         q.taken += 1
@@ -145,22 +170,29 @@ def _take(queues: list[_Queue], budget: int, limits: list[int] | None = None) ->
 def plan_pruning(groups: list[CoupledGroup], scores: list[GroupScores], mags: list[GroupScores], *,
                  ratio: float, total_params: int, attention: AttentionUnit | None, min_keep: float,
                  ranking: Literal["global", "layer"] = "global",
-                 per: Literal["parameter", "unit"] = "parameter") -> tuple[PrunePlan, int]:
+                 per: Literal["parameter", "unit"] = "parameter",
+                 max_heads: int | None = None) -> tuple[PrunePlan, int]:
     """The plan removing at most ``ratio * total_params`` parameters, and the parameters removed."""
-    queues = _queues(groups, scores, mags, attention, min_keep, per)
+    if max_heads is not None and max_heads < 1:
+        raise VitcompressError(f"max_heads must be at least 1, got {max_heads}")
+    queues = _queues(groups, scores, mags, attention, min_keep, per, max_heads)
     budget = int(round(ratio * total_params))
-    removable = sum(len(q.keys) * q.cost for q in queues)
+    forced = sum(q.forced for q in queues)
+    if forced > budget:
+        raise VitcompressError(f"max_heads={max_heads} alone removes {forced} parameters, more than ratio {ratio} "
+                               f"asks ({budget}); raise ratio or max_heads")
+    removable = forced + sum((len(q.keys) - (q.taken if q.unit == "head" else 0)) * q.cost for q in queues)
     removable -= sum(len(q.keys) * len(queues[o].keys) * per_pair for q in queues for o, per_pair in q.shared) // 2
     if removable < budget * 0.98:
         raise VitcompressError(
             f"ratio {ratio} asks for {budget} parameters but only {removable} of {total_params} are prunable with "
             f"min_keep={min_keep}{' and heads: false' if attention is None else ''}; lower ratio or min_keep"
         )
-    removed = 0
+    removed = forced
     if ranking == "layer":
         share = budget / max(1, sum(groups[q.group].units * groups[q.group].unit_cost for q in queues))
         limits = [int(share * groups[q.group].units * groups[q.group].unit_cost) for q in queues]
-        removed = _take(queues, budget, limits)
+        removed += _take(queues, budget - removed, limits)
     removed += _take(queues, budget - removed)
     return _plans(groups, queues), removed
 
@@ -190,12 +222,13 @@ def _plans(groups: list[CoupledGroup], queues: list[_Queue]) -> PrunePlan:
                 heads = tuple(h for h in range(g.shape[0]) if h not in dropped)
                 dims = tuple(tuple(range(g.shape[1])) for _ in heads)
             else:
-                heads = tuple(range(g.shape[0]))
+                q = by_group.get(gi)
+                heads = q.heads if q is not None and q.heads is not None else tuple(range(g.shape[0]))
                 cut = [set() for _ in heads]
                 for slot in gone:
-                    for h, d in enumerate(slot):
-                        cut[h].add(d)
-                dims = tuple(tuple(d for d in range(g.shape[1]) if d not in cut[h]) for h in heads)
+                    for k, d in enumerate(slot):
+                        cut[k].add(d)
+                dims = tuple(tuple(d for d in range(g.shape[1]) if d not in cut[k]) for k in range(len(heads)))
         plans.append(BlockPlan(heads, dims, mlp))
     return PrunePlan(tuple(plans), tuple(stem))
 

@@ -41,6 +41,10 @@ class StructuredPruneConfig:
     min_keep: float = 0.1  # every layer keeps at least this fraction of its heads/dims and channels (and >= 1)
     heads: bool = True  # prune attention too; false: MLP channels only
     head_unit: Literal["head", "dim"] = "head"  # remove whole heads, or the same number of dims from every head
+    # Keep at most this many heads per block (the least important go first, counted in the ratio), then
+    # rank as usual: with head_unit dim, dims among the heads kept. Fewer, wider heads run faster on a
+    # CPU at the same parameter count (select.py). null: no cap.
+    max_heads: int | None = field(default=None, metadata=LATE)
     # Also prune the output channels of a conv stem's 3x3 convs (vitc_small), ranked with the rest.
     stem: bool = field(default=False, metadata=LATE)
     calib_batches: int = 4  # batches of 64 calibration images for taylor / kl
@@ -61,6 +65,8 @@ class StructuredPruneConfig:
 def _check_common(cfg: StructuredPruneConfig) -> None:
     check(0 < cfg.ratio < 1, f"ratio is the fraction of parameters removed, in (0, 1); got {cfg.ratio}")
     check(0 <= cfg.min_keep <= 1, f"min_keep must be in [0, 1], got {cfg.min_keep}")
+    check(cfg.max_heads is None or cfg.max_heads >= 1, f"max_heads must be at least 1 (or null), got {cfg.max_heads}")
+    check(cfg.max_heads is None or cfg.heads, "max_heads caps attention heads; it needs heads: true")
     check(cfg.calib_batches >= 1, f"calib_batches must be >= 1, got {cfg.calib_batches}")
     check(cfg.kl_chunks >= 1, f"kl_chunks must be >= 1, got {cfg.kl_chunks}")
     check(cfg.finetune_epochs >= 0, f"finetune_epochs must be >= 0, got {cfg.finetune_epochs}")
@@ -131,7 +137,8 @@ def prune_and_finetune(model: nn.Module, cfg: StructuredPruneConfig, ctx: Any, g
     attention = cfg.head_unit if cfg.heads else None
     plan, removed = plan_pruning(groups, scores, magnitude_importance(model, groups), ratio=cfg.ratio,
                                  total_params=total, attention=attention, min_keep=cfg.min_keep,
-                                 ranking=cfg.ranking, per="unit" if cfg.importance == "gate" else "parameter")
+                                 ranking=cfg.ranking, per="unit" if cfg.importance == "gate" else "parameter",
+                                 max_heads=cfg.max_heads)
     apply_plans(model, plan)
     after = count_parameters(model)
     model, history = finetune(model, ctx, epochs=cfg.finetune_epochs, lr=cfg.lr, subset=cfg.finetune_subset,
