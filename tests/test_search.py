@@ -27,8 +27,10 @@ def _search_recipe(**budgets) -> dict:
     d = tiny_recipe_dict(experiments=[])
     d["search"] = {
         "trials": 4, "val_images": 200, "sampler": "random", "budgets": budgets,
+        # Four distinct chains (a chain is its settings: two templates that can write the same settings
+        # would hold fewer).
         "chains": [[{"ptq.dynamic": {"per_channel": {"choice": [True, False]}}}],
-                   [{"ptq.dynamic": {"skip_head": {"choice": [True, False]}}}]],
+                   [{"ptq.dynamic": {"skip_head": True, "per_channel": {"choice": [True, False]}}}]],
     }
     return d
 
@@ -117,6 +119,26 @@ def test_a_chain_already_tried_is_not_measured_again(tmp_path) -> None:
     assert {r["params"]["c0.s0.ptq.dynamic.per_channel"] for r in res.rows} == {0, 1}
     assert sum("again; not counted" in m for m in logs) >= 20
     assert any(m.strip().startswith("stopping:") for m in logs)
+
+
+def test_a_space_extended_with_a_new_setting_knows_the_chains_tried_before(tmp_path) -> None:
+    prune = {"ratio": {"choice": [0.4, 0.5]}, "importance": "magnitude", "head_unit": "dim", "finetune_epochs": 0}
+    d = _search_recipe()
+    d["search"]["trials"] = 2
+    d["search"]["chains"] = [[{"prune.structured": prune}]]
+    first = run_search(parse_recipe(d), tmp_path / "s", progress=False, log=lambda m: None)
+    assert len(first.rows) == 2
+    # The same space with max_heads added (a setting whose default, null, is the old behaviour): a proposal
+    # with max_heads null is a chain already tried, whatever the sampler's parameters now read.
+    d["search"]["trials"] = 4
+    d["search"]["chains"] = [[{"prune.structured": prune | {"max_heads": {"choice": [None, 1]}}}]]
+    logs: list[str] = []
+    res = run_search(parse_recipe(d), tmp_path / "s", progress=False, log=logs.append)
+    assert len(res.rows) == 4 and all(r["status"] == "ok" for r in res.rows)
+    new = res.rows[2:]
+    assert all(r["steps"][0]["config"]["max_heads"] == 1 for r in new)
+    assert sorted(r["steps"][0]["config"]["ratio"] for r in new) == [0.4, 0.5]
+    assert any("again; not counted" in m for m in logs)
 
 
 def test_refit_trains_the_chosen_chain_on_every_training_image(tmp_path, monkeypatch) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..artifact import load_artifact
+from ..config import key_dict
 from ..data import ImageTensorDataset, load_split
 from ..errors import VitcompressError
 from ..measure import evaluate_accuracy
@@ -114,9 +115,22 @@ def _violations(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> list
     ]
 
 
-def _chain_key(params: dict[str, Any]) -> str:
-    """A trial's parameters name its chain: equal parameters, equal chain."""
-    return json.dumps(params, sort_keys=True, default=str)
+def _chain_key(steps: Any) -> str:
+    """What identifies a chain: its methods and their settings, less the late-added settings at their defaults
+    (as a study's cache key). Keyed on the settings, not on the sampler's parameter names, a space extended
+    with a new setting still knows the chains tried before it: the new setting at its default is the old chain.
+    ``steps`` is a parsed step tuple or a row's ``steps`` (``{"method", "config"}`` or ``{method: settings}``)."""
+    if steps and not hasattr(steps[0], "config"):
+        raw = [{s["method"]: s["config"]} if set(s) == {"method", "config"} else s for s in steps]
+        steps = _parse_steps(raw, "trial")
+    return json.dumps([[s.method, key_dict(s.config)] for s in steps], sort_keys=True, default=str)
+
+
+def _row_key(row: dict[str, Any]) -> str:
+    try:
+        return _chain_key(row["steps"])
+    except (VitcompressError, KeyError, TypeError, ValueError):
+        return json.dumps(row.get("params"), sort_keys=True, default=str)  # a row whose steps no longer parse
 
 
 def _sampler(cfg: SearchConfig, seed: int) -> Any:
@@ -177,12 +191,16 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
         # A sampler may propose a chain it has tried (TPE does, once it settles): such a trial is told to
         # Optuna as pruned, so it does not count, and the search goes on to a chain not tried yet; if the
         # space holds fewer distinct chains than `trials`, it stops after many repeats in a row.
-        tried = {_chain_key(r["params"]): r["trial"] for r in load_rows(trials_path) if r.get("trial", -1) >= 0}
+        tried = {_row_key(r): r["trial"] for r in load_rows(trials_path) if r.get("trial", -1) >= 0}
         repeats = 0
         while len(opt.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))) < n_trials:
             trial = opt.ask()
             steps_raw = suggest_steps(trial, cfg)
-            key = _chain_key(trial.params)
+            try:
+                steps = _parse_steps(steps_raw, f"trial {trial.number}")
+                key = _chain_key(steps)
+            except (VitcompressError, RuntimeError, ValueError):
+                steps, key = None, json.dumps(trial.params, sort_keys=True, default=str)  # fails below, recorded
             if key in tried:
                 say(f"▶ trial {trial.number}: the chain of trial {tried[key]} again; not counted")
                 opt.tell(trial, state=TrialState.PRUNED)
@@ -196,7 +214,8 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
             tried[key] = trial.number
             t0 = time.perf_counter()
             try:
-                steps = _parse_steps(steps_raw, f"trial {trial.number}")
+                if steps is None:
+                    steps = _parse_steps(steps_raw, f"trial {trial.number}")
                 exp = Experiment(f"trial {trial.number}", steps)
                 say(f"▶ trial {trial.number}: {exp.method} {json.dumps(trial.params)}")
                 model, art = study._materialize(steps)
