@@ -100,6 +100,38 @@ def test_interleaved_rounds_visit_deployments_in_a_seeded_shuffled_order() -> No
     assert rounds(None) == [tuple("abcde")] * 6
 
 
+def test_anchored_timing_brackets_every_repeat_with_the_anchor(monkeypatch) -> None:
+    import vitcompress.measure.bench as bench
+
+    # A fake clock: each call advances it by its cost times a load that doubles every 10 calls (drift
+    # inside a round).
+    clock = {"t": 0.0, "calls": 0}
+    trace: list[str] = []
+
+    def make(name: str, cost: float):
+        def fn() -> None:
+            clock["calls"] += 1
+            clock["t"] += cost * 2 ** (clock["calls"] // 10)
+            trace.append(name)
+        return fn
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    fns = {"base": make("base", 1.0), "half": make("half", 0.5), "same": make("same", 1.0)}
+    seconds, around = bench.time_anchored(fns, "base", warmup=0, repeats=3, min_repeat_seconds=0.0, seed=None)
+    timed = trace[3:]  # one sizing call each, then the rounds
+    assert timed == ["base", "half", "base", "same", "base"] * 3  # the anchor around every other call
+    assert len(seconds["base"]) == 9 and len(seconds["half"]) == len(around["half"]) == 3
+    assert set(around) == {"half", "same"}
+    a = seconds["base"]  # three anchor repeats a round: before "half", between, after "same"
+    assert around["half"] == [(a[3 * k] + a[3 * k + 1]) / 2 for k in range(3)]
+    assert around["same"] == [(a[3 * k + 1] + a[3 * k + 2]) / 2 for k in range(3)]
+    # Under the drift, "same" (the anchor's own cost) pairs to about 1x with its brackets, within the
+    # one load step that can fall between two neighbouring repeats.
+    assert all(0.5 <= r / s <= 2.0 for r, s in zip(around["same"], seconds["same"], strict=True))
+    with pytest.raises(ValueError, match="anchor"):
+        bench.time_anchored(fns, "nope", warmup=0, repeats=1, min_repeat_seconds=0.0)
+
+
 def test_paired_ratios_are_taken_round_by_round() -> None:
     from vitcompress.measure.bench import paired_ratios
 

@@ -247,6 +247,7 @@ def test_speed_pass_retimes_rows_interleaved_with_the_baseline(tmp_path) -> None
         row = rows[name]
         timing = row["timing"]
         assert timing["mode"] == "interleaved" and set(timing["baseline_img_s"]) == set(base["runtimes"])
+        assert timing["anchor"] == base["timing"]["anchor"] == "torch-eager-cpu"  # the baseline's reference
         assert row["cpu_img_s"] == row["runtimes"][row["runtime"]]["cpu_img_s"] > 0
         assert row["cpu_img_s_isolated"] > 0 and row["cpu_img_s"] != row["cpu_img_s_isolated"]
         # The report's speed-up divides by the baseline's speed from the row's own round.

@@ -112,6 +112,25 @@ def latency(fn: Callable[[torch.Tensor], Any], one: torch.Tensor, samples: int, 
     return {"latency_ms_p50": 1e3 * _percentile(times, 50), "latency_ms_p95": 1e3 * _percentile(times, 95)}
 
 
+def _loops_per_repeat(calls: Mapping[str, Callable[[], Any]], warmup: int, min_repeat_seconds: float) -> dict[str, int]:
+    """Warm each callable up, then size its repeat: enough calls to last ``min_repeat_seconds``."""
+    inner = {}
+    for name, fn in calls.items():
+        for _ in range(warmup):
+            fn()
+        t = time.perf_counter()
+        fn()
+        inner[name] = max(1, int(min_repeat_seconds / max(time.perf_counter() - t, 1e-6)))
+    return inner
+
+
+def _timed(fn: Callable[[], Any], loops: int) -> float:
+    t = time.perf_counter()
+    for _ in range(loops):
+        fn()
+    return (time.perf_counter() - t) / loops
+
+
 def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int,
                      min_repeat_seconds: float, seed: int | None = 0) -> dict[str, list[float]]:
     """Seconds per call of each callable (one number per repeat), the callables timed in turn, repeat after repeat.
@@ -126,13 +145,7 @@ def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, warmup: int, rep
     1st; ``benchmarks/timing_order.py`` could not reproduce that (within 2% in both schemes), so
     the shuffle is a precaution, not a measured correction.
     """
-    inner = {}
-    for name, fn in calls.items():
-        for _ in range(warmup):
-            fn()
-        t = time.perf_counter()
-        fn()
-        inner[name] = max(1, int(min_repeat_seconds / max(time.perf_counter() - t, 1e-6)))
+    inner = _loops_per_repeat(calls, warmup, min_repeat_seconds)
     out: dict[str, list[float]] = {name: [] for name in calls}
     rng = random.Random(seed)
     order = list(calls)
@@ -140,12 +153,43 @@ def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, warmup: int, rep
         if seed is not None:
             rng.shuffle(order)
         for name in order:
-            fn = calls[name]
-            t = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            out[name].append((time.perf_counter() - t) / inner[name])
+            out[name].append(_timed(calls[name], inner[name]))
     return out
+
+
+def time_anchored(calls: Mapping[str, Callable[[], Any]], anchor: str, *, warmup: int, repeats: int,
+                  min_repeat_seconds: float, seed: int | None = 0) -> tuple[dict[str, list[float]],
+                                                                             dict[str, list[float]]]:
+    """As :func:`time_interleaved`, with ``anchor`` (the baseline) timed again before and after every other call.
+
+    Returns ``(seconds, anchor_seconds)``: per callable, its seconds per call in each round, as
+    :func:`time_interleaved` gives them (the anchor's list holds every anchor repeat); and, per
+    callable other than the anchor, the anchor's seconds right around each of its repeats (the mean
+    of the repeat just before and the one just after). A ratio to those is paired over a fraction of
+    a second, where a ratio to the anchor's repeat elsewhere in the round is paired over the whole
+    round: with the study's speed pass at 24 deployments a round (about 5 s on 2 cores), two models of
+    identical shapes in one round measured 2.53x and 2.07x the baseline (fashion-mnist maxheads/).
+    The price is about twice the timing.
+    """
+    if anchor not in calls:
+        raise ValueError(f"anchor {anchor!r} is not one of the calls")
+    inner = _loops_per_repeat(calls, warmup, min_repeat_seconds)
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    around: dict[str, list[float]] = {name: [] for name in calls if name != anchor}
+    rng = random.Random(seed)
+    order = [name for name in calls if name != anchor]
+    for _ in range(repeats):
+        if seed is not None:
+            rng.shuffle(order)
+        before = _timed(calls[anchor], inner[anchor])
+        out[anchor].append(before)
+        for name in order:
+            out[name].append(_timed(calls[name], inner[name]))
+            after = _timed(calls[anchor], inner[anchor])
+            out[anchor].append(after)
+            around[name].append((before + after) / 2)
+            before = after
+    return out, around
 
 
 def paired_ratios(reference: Sequence[float], other: Sequence[float]) -> dict[str, float]:

@@ -376,8 +376,9 @@ def _how_measured(
         timings = [row.get("timing") for row in rows if is_ok(row) and not row.get("baseline")]
         if timings and all(isinstance(t, Mapping) and t.get("baseline_img_s") for t in timings):
             if all(paired_speedup(row, speed_ref.runtime) for row in rows if is_ok(row) and not row.get("baseline")):
-                how = ("in a shuffled order each round, and each speed-up is the median, over the rounds, of the "
-                       "row's speed over the baseline's in the same round (quartiles in the Details table; "
+                how = ("in a shuffled order each round with the baseline timed again between every two "
+                       "deployments, and each speed-up is the median, over the rounds, of the row's speed over the "
+                       "baseline's timed just before and after it (quartiles in the Details table; "
                        "`speedup_paired` in `results.jsonl`)")
             else:
                 how = "and each speed-up divides by the baseline's speed from the row's own group (`timing` in " \
@@ -445,7 +446,8 @@ def _legend(has_pareto: bool, has_top5: bool, speed_ref: SpeedReference | None =
     if has_spread:
         lines.append(
             f"- **{SPREAD_COLUMN}**: the speed pass times a row and the baseline in turn, round after round; "
-            "the CPU speed-up is the median over the rounds of the ratio within each round, and this is its "
+            "the CPU speed-up is the median over the rounds of the row's ratio to the baseline timed around it, "
+            "and this is its "
             "interquartile range. Two speed-ups whose ranges overlap are not told apart by this run."
         )
     if has_top5:

@@ -120,8 +120,8 @@ def write_search_report(run_dir: Path, recipe: Any, base: dict[str, Any], rows: 
     if any((r.get("timing") or {}).get("mode") == "interleaved" for r in rows):
         lines += ["", "CPU speeds: every trial re-timed after the search, interleaved with the baseline in rounds "
                   "of `measure.interleave_group`; the speed-up is the median over those rounds of the trial's "
-                  "speed over the baseline's fastest runtime in the same round, and the budgets were checked "
-                  "on these numbers."]
+                  "speed over the baseline's fastest runtime timed just before and after it in that round, and the "
+                  "budgets were checked on these numbers."]
     lines += ["", "![accuracy vs size](plots/search_accuracy_vs_size.png)",
               "![accuracy vs throughput](plots/search_accuracy_vs_cpu_speed.png)", ""]
     _plot(rows, base, "size_mb", run_dir / "plots" / "search_accuracy_vs_size.png")

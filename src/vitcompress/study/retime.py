@@ -6,13 +6,15 @@ same ONNX graph at 1393 and 2701 images/s in two rows of one run), and a speed-u
 over a baseline timed an hour earlier carries that drift. So once every row is
 measured, the study re-times them: in groups of ``measure.interleave_group`` rows,
 each group together with the baseline, every deployment of the group called in
-turn repeat after repeat (:func:`vitcompress.measure.bench.time_interleaved`), so a
-burst of load slows the whole round rather than one row. Every runtime a row ran in
+turn repeat after repeat, so a burst of load slows the whole round rather than one row;
+the baseline in its reference runtime (the anchor) is timed again between every two
+deployments (:func:`vitcompress.measure.bench.time_anchored`). Every runtime a row ran in
 is re-timed; the row's speed becomes its fastest runtime's interleaved median (its
 accuracy, as before, is the accuracy measured in that runtime), and its speed-up is
 against the baseline's numbers from the same group: the median, over the rounds, of
-the ratio within each round (``speedup_paired``: median and quartiles per baseline
-runtime), so load that comes and goes between rounds cancels out. The isolated numbers stay in the
+the ratio of each repeat to the anchor's repeats just before and after it (for the
+baseline's other runtimes, to their repeat in the same round) (``speedup_paired``: median
+and quartiles per baseline runtime), so load that comes and goes cancels out. The isolated numbers stay in the
 row (``cpu_img_s_isolated``) and ``timing`` says how each speed was taken.
 """
 
@@ -29,7 +31,7 @@ import torch
 
 from ..artifact import load_artifact
 from ..measure import _Threads
-from ..measure.bench import latency_interleaved, paired_ratios, time_interleaved
+from ..measure.bench import latency_interleaved, paired_ratios, time_anchored
 from ..measure.runtimes import RUNTIMES, as_module, deploy
 
 INTERLEAVED = "interleaved"
@@ -87,6 +89,11 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
         return out
 
     base_fns = deployments(base)  # deployed once, timed in every group
+    # The anchor: the baseline in its reference runtime (its fastest as measured on its own; for a float
+    # baseline, its fastest float runtime), timed around every other deployment (``time_anchored``).
+    anchor_label = base["runtime"] if json.dumps([base["name"], base["runtime"]]) in base_fns else \
+        json.loads(next(iter(base_fns)))[1]
+    anchor = json.dumps([base["name"], anchor_label])
     for g, start in enumerate(range(0, len(others), size)):
         group = [base, *others[start:start + size]]
         log(f"speed pass, group {g + 1}/{-(-len(others) // size)}: {len(group)} rows interleaved with the baseline")
@@ -96,12 +103,14 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
         calls = {key: (lambda fn=fn: fn(batch)) for key, fn in fns.items()}
         singles = {key: (lambda fn=fn: fn(one)) for key, fn in fns.items()}
         with torch.inference_mode(), _Threads(threads):
-            per_batch = time_interleaved(calls, warmup=cfg.warmup, repeats=cfg.repeats,
-                                         min_repeat_seconds=cfg.min_repeat_seconds)
+            per_batch, around = time_anchored(calls, anchor, warmup=cfg.warmup, repeats=cfg.repeats,
+                                              min_repeat_seconds=cfg.min_repeat_seconds)
             latency = latency_interleaved(singles, cfg.latency_samples)
         base_here: dict[str, float] = {}  # the baseline's images/s per runtime label in this group
         timed = [(key, *json.loads(key), seconds) for key, seconds in per_batch.items()]  # key, row name, label, s
-        base_seconds = {label: seconds for _, name, label, seconds in timed if name == base["name"]}
+        # The baseline's other runtimes pair with a row's repeat by round; its reference runtime (the anchor)
+        # by the repeats just around it.
+        base_seconds = {label: seconds for key, name, label, seconds in timed if name == base["name"] and key != anchor}
         for key, name, label, seconds in timed:
             row = next(r for r in group if r["name"] == name)
             img_s = cfg.batch_size / statistics.median(seconds)
@@ -113,13 +122,16 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
             entry.setdefault("cpu_img_s_isolated", entry["cpu_img_s"])
             entry["cpu_img_s"] = img_s
             entry.update(latency[key])
-            entry["speedup_paired"] = {b: paired_ratios(v, seconds) for b, v in base_seconds.items()}
+            paired = {b: paired_ratios(v, seconds) for b, v in base_seconds.items()}
+            paired[anchor_label] = paired_ratios(around[key], seconds) if key != anchor else {
+                "q25": 1.0, "median": 1.0, "q75": 1.0}
+            entry["speedup_paired"] = {b: paired[b] for b in sorted(paired)}
         for row in group[1:]:
             row.setdefault("cpu_img_s_isolated", row["cpu_img_s"])
-            row["timing"] = {"mode": INTERLEAVED, "group": g, "baseline_img_s": base_here}
+            row["timing"] = {"mode": INTERLEAVED, "group": g, "baseline_img_s": base_here, "anchor": anchor_label}
             pick_primary(row)
     base.setdefault("cpu_img_s_isolated", base["cpu_img_s"])
-    base["timing"] = {"mode": INTERLEAVED, "group": 0}
+    base["timing"] = {"mode": INTERLEAVED, "group": 0, "anchor": anchor_label}
     pick_primary(base)
     base["timing"]["baseline_img_s"] = {k: v["cpu_img_s"] for k, v in base["runtimes"].items() if "error" not in v}
     return rows
