@@ -497,6 +497,8 @@ CASES = [
     ("prune.structured", {"ratio": 0.3, "importance": "kl", "head_unit": "dim", "calib_batches": 1, "kl_chunks": 4,
                           "distill": True}),
     ("prune.structured", {"ratio": 0.2, "importance": "magnitude", "heads": False, "ranking": "layer"}),
+    ("prune.structured", {"ratio": 0.5, "importance": "taylor", "head_unit": "dim", "ranking": "layer",
+                          "max_heads": 1, "calib_batches": 1}),
     ("prune.gates", {"ratio": 0.2}),
     ("prune.gates", {"ratio": 0.2, "importance": "taylor", "head_unit": "head", "calib_batches": 1}),
     ("tokens.merge", {"r": 3}),
