@@ -228,6 +228,25 @@ def test_rows_with_non_finite_numbers_are_caught_before_the_results_file() -> No
     assert _non_finite({"top1": 1.0, "runtimes": {"eager": {"p50": 2.0}}}) == []
 
 
+def test_speed_pass_anchors_on_the_baselines_fastest_runtime_when_it_ran_in_several(tmp_path) -> None:
+    d = tiny_recipe_dict(experiments=[{"name": "Dynamic Quantization", "steps": [{"ptq.dynamic": {}}]}])
+    d["measure"]["runtimes"] = ["torch-eager", "onnxruntime"]
+    run_study(parse_recipe(d), tmp_path / "run", progress=False, log=lambda m: None)
+    rows = {r["name"]: r for r in read_results(tmp_path / "run" / "results.jsonl")}
+    base, row = rows["Vanilla ViT"], rows["Dynamic Quantization"]
+    assert set(base["runtimes"]) == {"torch-eager-cpu", "onnxruntime-cpu"}
+    anchor = base["timing"]["anchor"]
+    assert anchor in base["runtimes"] and row["timing"]["anchor"] == anchor
+    for r in (base, row):
+        for entry in r["runtimes"].values():
+            if "error" in entry:
+                continue
+            paired = entry["speedup_paired"]
+            assert set(paired) == set(base["runtimes"])  # a speed-up against each of the baseline's runtimes
+            assert all(0 < p["q25"] <= p["median"] <= p["q75"] for p in paired.values())
+    assert base["runtimes"][anchor]["speedup_paired"][anchor] == {"q25": 1.0, "median": 1.0, "q75": 1.0}
+
+
 def test_speed_pass_retimes_rows_interleaved_with_the_baseline(tmp_path) -> None:
     from vitcompress.report.table import SpeedReference, _main_cells, same_round_reference, speed_reference
     from vitcompress.study.retime import needs_retime

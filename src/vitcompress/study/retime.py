@@ -114,6 +114,9 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
         for key, name, label, seconds in timed:
             row = next(r for r in group if r["name"] == name)
             img_s = cfg.batch_size / statistics.median(seconds)
+            if key == anchor:  # several repeats a round: their median stands for the round
+                per_round = len(seconds) // cfg.repeats
+                seconds = [statistics.median(seconds[i:i + per_round]) for i in range(0, len(seconds), per_round)]
             if row is base:
                 base_here[label] = img_s
                 if g > 0:
