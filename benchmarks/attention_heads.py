@@ -67,15 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
                 calls[f"openvino {h}x{d}"] = lambda fn=dep.fn: fn(x)
         with torch.inference_mode():
             seconds = time_interleaved(calls, warmup=5, repeats=repeats, min_repeat_seconds=min_s)
-    ref = {rt: seconds[f"{rt} {layouts[0][0]}x{layouts[0][1]}"] for rt in ("eager", "openvino")
-           if f"{rt} {layouts[0][0]}x{layouts[0][1]}" in seconds}
+    first = "{}x{}".format(*layouts[0])
+    ref = {rt: seconds[f"{rt} {first}"] for rt in ("eager", "openvino") if f"{rt} {first}" in seconds}
     rows = []
     for name, s in seconds.items():
         rt, layout = name.split()
         ratios = [r / t for r, t in zip(ref[rt], s, strict=True)]  # speed relative to 4x24, round by round
         rows.append({"runtime": rt, "layout": layout, "ms": 1e3 * statistics.median(s),
                      "speed_vs_4x24": statistics.median(ratios)})
-    print(f"| runtime | heads x head_dim | ms / batch of {args.batch} | speed vs {layouts[0][0]}x{layouts[0][1]} |")
+    print(f"| runtime | heads x head_dim | ms / batch of {args.batch} | speed vs {first} |")
     print("|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['runtime']} | {r['layout']} | {r['ms']:.3f} | {r['speed_vs_4x24']:.2f}x |")

@@ -115,20 +115,19 @@ def _violations(row: dict[str, Any], budgets: Any, base: dict[str, Any]) -> list
     ]
 
 
-def _chain_key(steps: Any) -> str:
+def _chain_key(steps: tuple[Any, ...]) -> str:
     """What identifies a chain: its methods and their settings, less the late-added settings at their defaults
     (as a study's cache key). Keyed on the settings, not on the sampler's parameter names, a space extended
-    with a new setting still knows the chains tried before it: the new setting at its default is the old chain.
-    ``steps`` is a parsed step tuple or a row's ``steps`` (``{"method", "config"}`` or ``{method: settings}``)."""
-    if steps and not hasattr(steps[0], "config"):
-        raw = [{s["method"]: s["config"]} if set(s) == {"method", "config"} else s for s in steps]
-        steps = _parse_steps(raw, "trial")
+    with a new setting still knows the chains tried before it: the new setting at its default is the old chain."""
     return json.dumps([[s.method, key_dict(s.config)] for s in steps], sort_keys=True, default=str)
 
 
 def _row_key(row: dict[str, Any]) -> str:
+    """A trials.jsonl row's :func:`_chain_key`. A measured row stores its steps as ``{"method", "config"}``,
+    a failed one as the raw ``{method: settings}`` proposed."""
     try:
-        return _chain_key(row["steps"])
+        raw = [{s["method"]: s["config"]} if set(s) == {"method", "config"} else s for s in row["steps"]]
+        return _chain_key(_parse_steps(raw, "trial"))
     except (VitcompressError, KeyError, TypeError, ValueError):
         return json.dumps(row.get("params"), sort_keys=True, default=str)  # a row whose steps no longer parse
 
