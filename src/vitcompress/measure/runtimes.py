@@ -144,17 +144,37 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def model_fingerprint(model: nn.Module, example: torch.Tensor, target: str = "any") -> str:
+    """A hash of what an export of ``model`` depends on: its module tree, every tensor of its state
+    (names, shapes, dtypes, values), the example's shape and the export target."""
+    digest = hashlib.sha256(f"{target}\0{tuple(example.shape)}\0{example.dtype}\0{model!r}".encode())
+    for name, value in model.state_dict().items():
+        digest.update(name.encode() + b"\0")
+        if not isinstance(value, torch.Tensor):  # a packed-params object: its repr names its contents' shapes
+            digest.update(repr(value).encode())
+            continue
+        value = value.detach().cpu()
+        if value.is_quantized:
+            value = value.int_repr()
+        digest.update(f"{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _export(model: nn.Module, example: torch.Tensor, work_dir: Path, target: str = "any") -> Path:
-    """The model's ONNX file in ``work_dir``, exported once and reused while the code that wrote it is unchanged.
+    """The model's ONNX file in ``work_dir``, exported once and reused while neither the model nor the code
+    that wrote it changed.
 
     A resumed study re-deploys its saved artifacts; an export cached by an earlier version of this
     package (a changed token-merging graph, say) would be timed in place of what the code now builds,
     so the file is stamped with :func:`code_fingerprint` and exported again when the stamp differs.
+    The stamp holds :func:`model_fingerprint` too: a benchmark that deploys other models into folders it
+    used before (``l0``, ``l1``, ...) timed the earlier run's models while the stamp named the code alone.
     """
     from ..export.onnx import export_onnx
 
     path, stamp = work_dir / "model.onnx", work_dir / "model.onnx.code"
-    fingerprint = code_fingerprint()
+    fingerprint = f"{code_fingerprint()} {model_fingerprint(model, example[:2], target)}"
     if not path.exists() or not stamp.exists() or stamp.read_text().strip() != fingerprint:
         work_dir.mkdir(parents=True, exist_ok=True)
         tmp = work_dir / "model.tmp.onnx"
