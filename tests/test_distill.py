@@ -268,7 +268,7 @@ def test_config_rules_and_round_trip() -> None:
         assert from_dict(cls, to_dict(cls())) == cls()
     assert DistillConfig().uses_token and not DistillConfig(loss="soft").uses_token
     for bad in ({"loss": "deit", "dist_token": False}, {"student": "nope_model"}, {"alpha": 1.5},
-                {"init_from_teacher": True, "student": "tiny"}, {"teacher_model": "vitc_micro"},
+                {"init_from_teacher": True, "student": "vitc_micro_quarter"}, {"teacher_model": "vitc_micro"},
                 {"pretrained": True, "student": "vitc_micro_quarter_dist"}, {"student": "input", "dist_token": True}):
         with pytest.raises(VitcompressError):
             parse_config("distill", bad, "test")

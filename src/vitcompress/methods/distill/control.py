@@ -21,6 +21,7 @@ from ...config import LATE, check
 from ...models import is_known_model
 from ..registry import StepOutput, register_method
 from .method import build_student, check_width, finish, restore_student, train_kwargs
+from .selection import select_weights
 from .students import STUDENT_CHOICES
 
 
@@ -36,11 +37,17 @@ class TrainStudentConfig:
     width: float | None = field(default=None, metadata=LATE)  # student "tiny"'s fraction of the width (None: ½)
     heads: int | None = field(default=None, metadata=LATE)  # student "tiny"'s head count (None: as distill's)
     stem: float | None = field(default=None, metadata=LATE)  # tiny's stem fraction (None: width; 0: no stem)
+    depth: int | None = field(default=None, metadata=LATE)  # tiny's block count (None: the incoming model's)
+    # "tiny": start at a selection of the incoming model's weights (as distill's init_from_teacher) and train
+    # on labels alone: the row that tells the teacher's weights from the teacher's targets.
+    init_from_teacher: bool = field(default=False, metadata=LATE)
 
     def __post_init__(self) -> None:
         check(self.student in STUDENT_CHOICES or is_known_model(self.student),
               f"unknown student '{self.student}'; use tiny, same, input or a model name")
-        check_width(self.student, self.width, self.heads, self.stem)
+        check_width(self.student, self.width, self.heads, self.stem, self.depth)
+        check(not self.init_from_teacher or self.student == "tiny",
+              "init_from_teacher here needs student: tiny (for 'same', keep training with student: input)")
         check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
         check(self.lr is None or 0 < self.lr < 10, f"lr must be in (0, 10), got {self.lr}")
         check(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1 or null")
@@ -61,8 +68,11 @@ class TrainStudentConfig:
 def train_student(model: nn.Module, cfg: TrainStudentConfig, ctx: Any) -> StepOutput:
     student, spec = build_student(cfg.student, model, model, ctx, dist_token=cfg.dist_token,
                                   pretrained=cfg.pretrained, width=cfg.width, heads=cfg.heads,
-                                  stem=cfg.stem)
+                                  stem=cfg.stem, depth=cfg.depth)
+    selected = select_weights(student, model) if cfg.init_from_teacher else None
     result = ctx.fit(student, desc=f"{ctx.name} (labels only)", **train_kwargs(cfg))
     student = finish(result.model)
-    return StepOutput(student, {"student": spec, "params": sum(p.numel() for p in student.parameters()),
-                                "history": result.history})
+    meta = {"student": spec, "params": sum(p.numel() for p in student.parameters()), "history": result.history}
+    if selected is not None:
+        meta["selected"] = selected
+    return StepOutput(student, meta)

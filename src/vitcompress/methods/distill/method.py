@@ -5,8 +5,9 @@ soft (the study's eq. 4), hard (eq. 5) or DeiT's distillation token (Touvron et
 al. 2021, section 4; the default, as in the study's DeiT rows). The teacher is
 the study's baseline unless the config names another (an artifact folder, or a
 checkpoint file with its model name, a timm CNN included); it runs without
-gradients in eval mode. The student is built fresh (see :mod:`.students`) and
-trained through the shared loop, so it resumes after a kill and runs under
+gradients in eval mode. The student is built fresh (see :mod:`.students`), from
+random weights or, with ``init_from_teacher``, from the teacher's ("same": a copy;
+"tiny": a selection of them, see :mod:`.selection`), and trained through the shared loop, so it resumes after a kill and runs under
 ``accelerate launch``. The step's output replaces the incoming model: the
 artifact's meta holds the student's ``ModelSpec``, from which ``restore``
 rebuilds it.
@@ -31,6 +32,7 @@ from ...errors import VitcompressError
 from ...models import ModelSpec, create_model, is_known_model, load_weights
 from ..registry import StepOutput, register_method
 from .losses import DistTarget, LossName, make_distill_loss
+from .selection import select_weights
 from .students import STUDENT_CHOICES, check_same_layout, init_from_teacher, student_spec
 
 
@@ -52,7 +54,10 @@ class DistillConfig:
     # Random crop + flip (None: as the baseline trained). The teacher sees each augmented view, so it
     # labels images the dataset does not hold ("consistent" distillation, Beyer et al. 2022).
     augment: bool | None = field(default=None, metadata=LATE)
-    init_from_teacher: bool = False  # "same" only: start from the teacher's weights instead of random ones
+    # Start from the teacher's weights instead of random ones: "same" copies them; "tiny" takes a selection of
+    # them (weight selection, Xu et al. 2024; see .selection): the teacher's first blocks, its strongest
+    # residual channels, heads, MLP units and stem channels.
+    init_from_teacher: bool = False
     pretrained: bool = False  # a named hub student (e.g. deit_tiny_distilled_patch16_224) starts from hub weights
     teacher: str | None = None  # None: the study's baseline; else an artifact folder or a checkpoint file
     teacher_model: str | None = None  # the model a teacher checkpoint file fits (None: the baseline's)
@@ -63,11 +68,12 @@ class DistillConfig:
     # Student "tiny"'s conv stem as a fraction of the teacher's channels (None: as width; 0: no stem, a plain
     # patch projection, as DeiT's students have).
     stem: float | None = field(default=None, metadata=LATE)
+    depth: int | None = field(default=None, metadata=LATE)  # student "tiny"'s block count (None: the teacher's)
 
     def __post_init__(self) -> None:
         check(self.student in STUDENT_CHOICES or is_known_model(self.student),
               f"unknown student '{self.student}'; use same, tiny, input or a model name")
-        check_width(self.student, self.width, self.heads, self.stem)
+        check_width(self.student, self.width, self.heads, self.stem, self.depth)
         check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
         check(self.tau > 0, f"tau must be > 0, got {self.tau}")
         check(self.epochs is None or self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
@@ -77,7 +83,8 @@ class DistillConfig:
               "loss 'deit' trains the distillation token's head; drop dist_token: false or pick loss soft/hard")
         check(not (self.student == "input" and self.dist_token is not None),
               "student 'input' keeps the incoming model as it is; drop dist_token")
-        check(not self.init_from_teacher or self.student == "same", "init_from_teacher needs student: same")
+        check(not self.init_from_teacher or self.student in ("same", "tiny"),
+              "init_from_teacher needs student: same or tiny")
         check(not self.pretrained or (self.student not in STUDENT_CHOICES and not self.student.startswith("vitc_")),
               "pretrained applies to a named hub student (e.g. deit_tiny_distilled_patch16_224); "
               "same/tiny/input and the vitc_* presets have no hub weights")
@@ -119,8 +126,10 @@ def _create_teacher(name: str, ctx: Any) -> nn.Module:
         return timm.create_model(name, **kwargs)
 
 
-def check_width(student: str, width: float | None, heads: int | None = None, stem: float | None = None) -> None:
-    """The one-line errors for a student's ``width``, ``heads`` and ``stem`` settings (the "tiny" student's layout);
+def check_width(student: str, width: float | None, heads: int | None = None, stem: float | None = None,
+                depth: int | None = None) -> None:
+    """The one-line errors for a student's ``width``, ``heads``, ``stem`` and ``depth`` settings (the "tiny"
+    student's layout);
     whether ``heads`` divides the width is checked when the teacher is known (``quarter_arch``)."""
     check(width is None or student == "tiny", f"width sets the 'tiny' student's width; drop it for student {student}")
     check(width is None or 0 < width < 1, f"width is a fraction of the teacher's width in (0, 1), got {width}")
@@ -129,17 +138,19 @@ def check_width(student: str, width: float | None, heads: int | None = None, ste
     check(stem is None or student == "tiny", f"stem sets the 'tiny' student's conv stem; drop it for student {student}")
     check(stem is None or 0 <= stem <= 1, f"stem is a fraction of the teacher's stem channels in [0, 1] "
                                           f"(0: a plain patch projection), got {stem}")
+    check(depth is None or student == "tiny", f"depth sets the 'tiny' student's block count; drop it for student {student}")
+    check(depth is None or depth >= 1, f"depth must be >= 1, got {depth}")
 
 
 def build_student(choice: str, reference: nn.Module, incoming: nn.Module, ctx: Any, *, dist_token: bool,
-                  pretrained: bool, width: float | None = None,
-                  heads: int | None = None, stem: float | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+                  pretrained: bool, width: float | None = None, heads: int | None = None,
+                  stem: float | None = None, depth: int | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
     """The student module and the spec that rebuilds it (None for "input", which keeps ``incoming``)."""
     if choice == "input":
         return incoming, None
     spec = student_spec(choice, reference, dist_token=dist_token, num_classes=ctx.num_classes,
                         img_size=ctx.img_size, in_chans=ctx.in_chans, pretrained=pretrained, width=width,
-                        heads=heads, stem=stem)
+                        heads=heads, stem=stem, depth=depth)
     student = create_model(spec)
     if choice == "same":
         check_same_layout(student, reference)
@@ -182,11 +193,14 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
     layout = model if not isinstance(teacher, VisionTransformer) and isinstance(model, VisionTransformer) else teacher
     student, spec = build_student(cfg.student, layout, model, ctx, dist_token=cfg.uses_token,
                                   pretrained=cfg.pretrained, width=cfg.width, heads=cfg.heads,
-                                  stem=cfg.stem)
+                                  stem=cfg.stem, depth=cfg.depth)
     if student is teacher:
         raise VitcompressError("student 'input' is the teacher here; name a teacher (teacher: ARTIFACT_DIR)")
-    if cfg.init_from_teacher:
+    selected = None
+    if cfg.init_from_teacher and cfg.student == "same":
         init_from_teacher(student, teacher)
+    elif cfg.init_from_teacher:
+        selected = select_weights(student, layout)
     if cfg.loss == "deit":
         if not hasattr(student, "set_distilled_training"):
             raise VitcompressError(f"loss 'deit' needs a student with a distillation token; "
@@ -202,6 +216,8 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
         "params": sum(p.numel() for p in student.parameters()),
         "history": result.history,
     }
+    if selected is not None:
+        meta["selected"] = selected
     return StepOutput(student, meta)
 
 
