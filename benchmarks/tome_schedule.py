@@ -33,10 +33,15 @@ from vitcompress.methods.prune.tome import TokenMergeConfig, apply_merging
 
 
 def parse_schedule(text: str) -> TokenMergeConfig:
-    """``r=8`` merges 8 tokens in every block; ``16,8`` merges 16 in the first block and 8 in the second."""
+    """``r=8`` merges 8 tokens in every block; ``16,8`` merges 16 in the first block and 8 in the second;
+    a ``:flat`` suffix turns proportional attention off (``20:flat``)."""
+    text, _, flag = text.partition(":")
+    if flag not in ("", "flat"):
+        raise SystemExit(f"schedule suffix {flag!r}: the only one is ':flat' (no proportional attention)")
+    prop = flag != "flat"
     if text.startswith("r="):
-        return TokenMergeConfig(r=int(text[2:]))
-    return TokenMergeConfig(schedule=tuple(int(v) for v in text.split(",")))
+        return TokenMergeConfig(r=int(text[2:]), prop_attn=prop)
+    return TokenMergeConfig(schedule=tuple(int(v) for v in text.split(",")), prop_attn=prop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or available_cores()
     example = torch.randn(args.batch, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
     work = args.out.parent / "tome_deploy" if args.out else Path("runs/bench/tome_deploy")
-    deps = {k: as_module(deploy(args.runtime, m, example, threads, work / k.replace(",", "_").replace("=", "")))
+    deps = {k: as_module(deploy(args.runtime, m, example, threads, work / k.replace(",", "_").replace("=", "").replace(":", "_")))
             for k, m in models.items()}
     calls = {k: (lambda fn=fn: fn(example)) for k, fn in deps.items()}
     with torch.inference_mode(), _Threads(threads):

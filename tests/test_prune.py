@@ -570,3 +570,22 @@ def test_attention_heads_benchmark_quick_runs(tmp_path) -> None:
     assert {("eager", "4x24"), ("eager", "4x6")} <= layouts
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["speed_vs_4x24"] == 1.0 for r in rows if r["layout"] == "4x24")
+
+
+def test_token_merging_without_proportional_attention_attends_without_sizes() -> None:
+    from timm.models.vision_transformer import Attention
+
+    model = _model(QUICK)
+    flat, _, _ = apply_merging(copy.deepcopy(model), TokenMergeConfig(schedule=(24,), prop_attn=False))
+    prop, _, _ = apply_merging(copy.deepcopy(model), TokenMergeConfig(schedule=(24,)))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        h = flat.norm_pre(flat.patch_drop(flat._pos_embed(flat.patch_embed(x))))
+        h, size = flat.blocks[0].merge_forward(h, None)
+        assert size is not None and size.max() > 1  # tokens were merged, and their sizes are still tracked
+        blk = flat.blocks[1]
+        want = h + Attention.forward(blk.attn, blk.norm1(h))  # plain attention: no log-size bias
+        want = want + blk.mlp(blk.norm2(want))
+        got, _ = blk.merge_forward(h, size)
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(flat(x), prop(x), atol=1e-4)

@@ -52,6 +52,9 @@ class TokenMergeConfig:
     # first block. Each merge is a handful of small operators (matching, sort, gathers); on a short sequence
     # their overhead can cost what the shorter sequence saves, so fewer, larger merges may run faster.
     schedule: tuple[int, ...] | None = field(default=None, metadata=LATE)
+    # Proportional attention (ToMe's eq. 1: + log size in the softmax). Off, merged tokens are still size-weighted
+    # averages but attend as one token each, and the blocks after a merge run attention without a mask.
+    prop_attn: bool = field(default=True, metadata=LATE)
 
     def __post_init__(self) -> None:
         given = [n for n in ("r", "keep", "schedule") if getattr(self, n) is not None]
@@ -145,9 +148,10 @@ class MergingBlock(Block):
 
     r: int
     prefix: int
+    prop_attn: bool = True
 
     def merge_forward(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, metric = self.attn(self.norm1(x), size)
+        y, metric = self.attn(self.norm1(x), size if self.prop_attn else None)
         x = x + self.drop_path1(self.ls1(y))  # (B, N, C)
         if self.r > 0:
             merge = bipartite_merge(metric, self.r, self.prefix)
@@ -224,7 +228,7 @@ def apply_merging(model: nn.Module, cfg: TokenMergeConfig) -> tuple[nn.Module, l
     for blk, r in zip(model.blocks, schedule):
         new = same_parts(MergingBlock, blk)
         new.attn = same_parts(MergingAttention, blk.attn)
-        new.r, new.prefix = r, prefix
+        new.r, new.prefix, new.prop_attn = r, prefix, cfg.prop_attn
         blocks.append(new)
     model.blocks = MergingBlocks(*blocks)
     entering = [tokens - sum(schedule[:i]) for i in range(len(schedule))]
