@@ -34,11 +34,13 @@ from vitcompress.methods.prune.tome import TokenMergeConfig, apply_merging
 
 def parse_schedule(text: str) -> TokenMergeConfig:
     """``r=8`` merges 8 tokens in every block; ``16,8`` merges 16 in the first block and 8 in the second;
-    a ``:flat`` suffix turns proportional attention off (``20:flat``)."""
+    ``entry=20`` merges 20 before the first block; a ``:flat`` suffix turns proportional attention off (``20:flat``)."""
     text, _, flag = text.partition(":")
     if flag not in ("", "flat"):
         raise SystemExit(f"schedule suffix {flag!r}: the only one is ':flat' (no proportional attention)")
     prop = flag != "flat"
+    if text.startswith("entry="):  # merged before the first block
+        return TokenMergeConfig(entry=int(text[6:]), prop_attn=prop)
     if text.startswith("r="):
         return TokenMergeConfig(r=int(text[2:]), prop_attn=prop)
     return TokenMergeConfig(schedule=tuple(int(v) for v in text.split(",")), prop_attn=prop)

@@ -134,3 +134,20 @@ def test_fqvit_graph_parity_and_float_parts(tmp_path):
     assert info["float_matmuls"] == 2  # attn·V with 2^−q probabilities, one per block
     parts = info["float_parts"]
     assert any(p.startswith("Log-Int-Softmax") for p in parts) and any(p.startswith("PTF") for p in parts)
+
+
+@pytest.mark.parametrize("merge", [{"entry": 6}, {"r": 3}, {"entry": 4, "schedule": [2]}])
+def test_token_merged_model_exports_with_parity(tmp_path, merge):
+    # Merging picks tokens per image (argsort, gather, one-hot matmul): the graph must keep that data-dependent
+    # choice, not the example batch's, at every batch size.
+    from vitcompress.config import from_dict
+    from vitcompress.methods.prune.tome import TokenMergeConfig
+
+    torch.manual_seed(0)
+    model = create_model(ModelSpec("vitc_micro")).eval()
+    merged = get_method("tokens.merge").apply(model, from_dict(TokenMergeConfig, merge, "test"), None).model
+    x = _batch(_dataset(), 16)
+    runner = OnnxRunner(export_onnx(merged, x[:2], tmp_path / "m.onnx"), threads=1)
+    with torch.no_grad():
+        for n in (1, 5, 16):
+            np.testing.assert_allclose(runner(x[:n]).numpy(), merged(x[:n]).numpy(), atol=1e-4, rtol=0)

@@ -589,3 +589,35 @@ def test_token_merging_without_proportional_attention_attends_without_sizes() ->
         got, _ = blk.merge_forward(h, size)
         torch.testing.assert_close(got, want)
         assert not torch.allclose(flat(x), prop(x), atol=1e-4)
+
+
+def test_token_merging_before_the_first_block_shortens_every_block() -> None:
+    from vitcompress.methods.prune.tome import merge_weighted
+
+    model = _model(QUICK)  # 49 patches + class token, 4 blocks
+    cfg = TokenMergeConfig(entry=20)
+    out = get_method("tokens.merge").apply(copy.deepcopy(model), cfg, None)
+    assert out.meta["entry"] == 20 and out.meta["r_per_block"] == [0, 0, 0, 0]
+    assert out.meta["tokens_per_block"] == [30, 30, 30, 30]
+    merged, x = out.model, torch.randn(3, 1, 28, 28)
+    with torch.inference_mode():
+        h = merged.norm_pre(merged.patch_drop(merged._pos_embed(merged.patch_embed(x))))
+        # The entry merge, matched on the tokens themselves: class token untouched, every patch still counted.
+        h, size = merge_weighted(h, None, bipartite_merge(h, 20, 1))
+        assert h.shape[1] == 30 and torch.equal(size[:, 0, 0], torch.ones(3))
+        assert torch.allclose(size.sum(1), torch.full((3, 1), 50.0))
+        for blk in merged.blocks:
+            h, size = blk.merge_forward(h, size)
+        assert h.shape[1] == 30
+        torch.testing.assert_close(merged.head(merged.norm(h)[:, 0]), merged(x))  # what the model's forward does
+    # entry plus merges inside the blocks: r counts from the shortened sequence.
+    both = get_method("tokens.merge").apply(copy.deepcopy(model), TokenMergeConfig(entry=20, r=5), None)
+    assert both.meta["tokens_per_block"] == [30, 25, 20, 15] and both.meta["tokens_out"] == 10
+    # restore rebuilds the same model; an artifact saved with another entry is refused.
+    restored = get_method("tokens.merge").restore(copy.deepcopy(model), cfg, out.meta)
+    with torch.inference_mode():
+        torch.testing.assert_close(restored(x), merged(x))
+    with pytest.raises(VitcompressError, match="differs from the saved one"):
+        get_method("tokens.merge").restore(copy.deepcopy(model), TokenMergeConfig(entry=16), out.meta)
+    with pytest.raises(VitcompressError, match="entry must be >= 0"):
+        from_dict(TokenMergeConfig, {"entry": -1}, "test")

@@ -12,6 +12,13 @@ similar token pairs are merged by *bipartite soft matching*:
    B partner, weighted by how many patches each already stands for); the rest of
    A and all of B stay, the class token (and any other prefix token) is never merged.
 
+``entry`` merges tokens once more, before the first block, matched on the
+incoming tokens themselves (patch embedding + position; there are no keys yet):
+then every block runs on the shorter sequence. On the fashion-mnist ViT, 20 tokens
+merged there cost what 20 merged inside block 1 cost (-0.70 against -0.64 points,
+no training) and ran 1.35x instead of 1.24x in OpenVINO, since block 1's attention
+and MLP shrink too (benchmarks/tome_schedule.py, docs/results/tome_schedule/).
+
 Merged tokens carry a *size* s (patches represented), and attention is
 *proportional*: ``softmax(q k^T / sqrt(d) + log s)`` so a merged token keeps the
 attention weight of the tokens it replaced (ToMe's eq. 1).
@@ -55,10 +62,15 @@ class TokenMergeConfig:
     # Proportional attention (ToMe's eq. 1: + log size in the softmax). Off, merged tokens are still size-weighted
     # averages but attend as one token each, and the blocks after a merge run attention without a mask.
     prop_attn: bool = field(default=True, metadata=LATE)
+    # Tokens merged before the first block, matched on the tokens themselves (patch embedding + position): every
+    # block then runs on the shorter sequence, where a merge inside block 1 leaves its attention at full length.
+    # With entry alone the blocks merge nothing more (r, keep or schedule add merges inside the blocks).
+    entry: int = field(default=0, metadata=LATE)
 
     def __post_init__(self) -> None:
         given = [n for n in ("r", "keep", "schedule") if getattr(self, n) is not None]
         check(len(given) <= 1, f"tokens.merge takes one of r, keep or schedule, not {' and '.join(given)}")
+        check(self.entry >= 0, f"entry must be >= 0, got {self.entry}")
         check(self.schedule is None or all(v >= 0 for v in self.schedule),
               f"schedule entries must be >= 0, got {list(self.schedule or ())}")
         check(self.r is None or self.r >= 0, f"r must be >= 0, got {self.r}")
@@ -143,6 +155,20 @@ def bipartite_merge(metric: torch.Tensor, r: int, prefix: int) -> Callable[[torc
     return merge
 
 
+def merge_weighted(x: torch.Tensor, size: torch.Tensor | None,
+                   merge: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens merged as size-weighted averages, and their new sizes (patches each stands for).
+
+    Merges [x * s, s] in one go, then divides. Before the first merge every token stands for one patch.
+    """
+    if size is None:
+        merged = merge(torch.cat([x, torch.ones_like(x[..., :1])], dim=-1))
+    else:
+        merged = merge(torch.cat([x * size, size], dim=-1))
+    size = merged[..., -1:]
+    return merged[..., :-1] / size, size
+
+
 class MergingBlock(Block):
     """timm Block that merges ``r`` tokens between its attention and its MLP."""
 
@@ -154,15 +180,7 @@ class MergingBlock(Block):
         y, metric = self.attn(self.norm1(x), size if self.prop_attn else None)
         x = x + self.drop_path1(self.ls1(y))  # (B, N, C)
         if self.r > 0:
-            merge = bipartite_merge(metric, self.r, self.prefix)
-            # Size-weighted average: merge [x*s, s] in one go, then divide. Before the first merge every
-            # token stands for one patch.
-            if size is None:
-                merged = merge(torch.cat([x, torch.ones_like(x[..., :1])], dim=-1))
-            else:
-                merged = merge(torch.cat([x * size, size], dim=-1))
-            size = merged[..., -1:]
-            x = merged[..., :-1] / size  # (B, N - r, C)
+            x, size = merge_weighted(x, size, bipartite_merge(metric, self.r, self.prefix))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x, size
 
@@ -174,17 +192,34 @@ class MergingBlock(Block):
 
 
 class MergingBlocks(nn.Sequential):
-    """``model.blocks`` that carries the merged tokens' sizes from one block to the next."""
+    """``model.blocks`` that carries the merged tokens' sizes from one block to the next, after merging
+    ``entry`` tokens before the first block (matched on the incoming tokens themselves)."""
+
+    entry: int = 0
+    prefix: int = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = None
+        if self.entry > 0:
+            x, size = merge_weighted(x, None, bipartite_merge(x, self.entry, self.prefix))
         for blk in self:
             x, size = blk.merge_forward(x, size)
         return x
 
 
+def _cap(r: int, rest: int) -> int:
+    return max(0, min(r, math.ceil(rest / 2), rest - 1))  # |A| = ceil(rest/2); keep one patch token
+
+
+def entry_merge(tokens: int, prefix: int, cfg: TokenMergeConfig) -> int:
+    """Tokens merged before the first block, capped as a block's merge is."""
+    return _cap(cfg.entry, tokens - prefix)
+
+
 def merge_schedule(tokens: int, prefix: int, depth: int, cfg: TokenMergeConfig) -> list[int]:
-    """Tokens merged in each block, capped so that bipartite matching can pair them and >= 1 patch token stays."""
+    """Tokens merged in each block, capped so that bipartite matching can pair them and >= 1 patch token stays.
+
+    ``tokens`` is the count entering the first block (after any ``entry`` merge)."""
     if cfg.schedule is not None and len(cfg.schedule) > depth:
         raise VitcompressError(f"tokens.merge schedule has {len(cfg.schedule)} entries for a model of {depth} "
                                "blocks; give at most one per block")
@@ -195,9 +230,11 @@ def merge_schedule(tokens: int, prefix: int, depth: int, cfg: TokenMergeConfig) 
             r = cfg.schedule[i] if i < len(cfg.schedule) else 0
         elif cfg.keep is not None:
             r = int(round((1 - cfg.keep) * rest))
+        elif cfg.r is not None:
+            r = cfg.r
         else:
-            r = DEFAULT_R if cfg.r is None else cfg.r
-        r = max(0, min(r, math.ceil(rest / 2), rest - 1))  # |A| = ceil(rest/2); keep one patch token
+            r = 0 if cfg.entry else DEFAULT_R  # entry alone merges before the blocks only
+        r = _cap(r, rest)
         out.append(r)
         tokens -= r
     return out
@@ -223,6 +260,8 @@ def _check_model(model: nn.Module) -> tuple[int, int]:
 def apply_merging(model: nn.Module, cfg: TokenMergeConfig) -> tuple[nn.Module, list[int], list[int]]:
     """Swap in merging blocks, in place; the per-block r and the tokens entering each block."""
     prefix, tokens = _check_model(model)
+    entry = entry_merge(tokens, prefix, cfg)
+    tokens -= entry
     schedule = merge_schedule(tokens, prefix, len(model.blocks), cfg)
     blocks = []
     for blk, r in zip(model.blocks, schedule):
@@ -231,13 +270,14 @@ def apply_merging(model: nn.Module, cfg: TokenMergeConfig) -> tuple[nn.Module, l
         new.r, new.prefix, new.prop_attn = r, prefix, cfg.prop_attn
         blocks.append(new)
     model.blocks = MergingBlocks(*blocks)
+    model.blocks.entry, model.blocks.prefix = entry, prefix
     entering = [tokens - sum(schedule[:i]) for i in range(len(schedule))]
     return model, schedule, entering
 
 
 def _restore(model: nn.Module, cfg: TokenMergeConfig, meta: dict[str, Any]) -> nn.Module:
     model, schedule, _ = apply_merging(model, cfg)
-    if meta.get("r_per_block") not in (None, schedule):
+    if meta.get("r_per_block") not in (None, schedule) or meta.get("entry", 0) != model.blocks.entry:
         raise VitcompressError("tokens.merge schedule differs from the saved one; the artifact does not match")
     return model
 
@@ -251,5 +291,7 @@ def _restore(model: nn.Module, cfg: TokenMergeConfig, meta: dict[str, Any]) -> n
 )
 def token_merge(model: nn.Module, cfg: TokenMergeConfig, ctx: Any) -> StepOutput:
     model, schedule, entering = apply_merging(copy.deepcopy(model), cfg)
-    return StepOutput(model.eval(), {"r_per_block": schedule, "tokens_per_block": entering,
-                                     "tokens_out": entering[-1] - schedule[-1]})
+    meta = {"r_per_block": schedule, "tokens_per_block": entering, "tokens_out": entering[-1] - schedule[-1]}
+    if model.blocks.entry:
+        meta["entry"] = model.blocks.entry  # merged before block 1: tokens_per_block[0] is after it
+    return StepOutput(model.eval(), meta)
