@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     base, img_size, in_chans = target.model.eval(), target.img_size, target.in_chans
     models: dict[str, Any] = {"unmerged": base}
     schedules: dict[str, list[int]] = {}
+    entries: dict[str, int] = {}  # merged before the first block
     for text in args.schedules:
         models[text], schedules[text], _ = apply_merging(copy.deepcopy(base), parse_schedule(text))
+        entries[text] = models[text].blocks.entry
         models[text].eval()
 
     test = load_split(args.data, "test", args.data_root, False)
@@ -86,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|---:|")
     for k in schedules:
         s = speed[k]
-        print(f"| {k} | {schedules[k]} | {top1[k]:.2f} | {top1[k] - top1['unmerged']:+.2f} | "
+        merged = f"{entries[k]} before, then {schedules[k]}" if entries[k] else f"{schedules[k]}"
+        print(f"| {k} | {merged} | {top1[k]:.2f} | {top1[k] - top1['unmerged']:+.2f} | "
               f"{s['median']:.2f}× ({s['q25']:.2f}–{s['q75']:.2f}) |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"artifact": str(args.artifact), "runtime": args.runtime, "batch": args.batch,
-                                        "env": environment(threads), "schedules": schedules, "top1": top1,
+                                        "env": environment(threads), "schedules": schedules, "entry": entries, "top1": top1,
                                         "speedup": speed}, indent=2))
     return 0
 

@@ -15,9 +15,10 @@ similar token pairs are merged by *bipartite soft matching*:
 ``entry`` merges tokens once more, before the first block, matched on the
 incoming tokens themselves (patch embedding + position; there are no keys yet):
 then every block runs on the shorter sequence. On the fashion-mnist ViT, 20 tokens
-merged there cost what 20 merged inside block 1 cost (-0.70 against -0.64 points,
-no training) and ran 1.35x instead of 1.24x in OpenVINO, since block 1's attention
-and MLP shrink too (benchmarks/tome_schedule.py, docs/results/tome_schedule/).
+merged there cost what 20 merged inside block 1 cost (-0.66 against -0.61 points,
+no training) and ran 1.28x instead of 1.16x in OpenVINO, since block 1's attention
+and MLP shrink too; 22 before block 1: 1.31-1.33x at -0.90 points
+(benchmarks/tome_schedule.py, docs/results/tome_schedule/).
 
 Merged tokens carry a *size* s (patches represented), and attention is
 *proportional*: ``softmax(q k^T / sqrt(d) + log s)`` so a merged token keeps the
