@@ -6,9 +6,9 @@ al. 2021, section 4; the default, as in the study's DeiT rows). The teacher is
 the study's baseline unless the config names another (an artifact folder, or a
 checkpoint file with its model name, a timm CNN included); it runs without
 gradients in eval mode. The student is built fresh (see :mod:`.students`), from
-random weights or, with ``init_from_teacher``, from the teacher's ("same": a copy;
-"tiny": a selection of them, see :mod:`.selection`), and trained through the shared loop, so it resumes after a kill and runs under
-``accelerate launch``. The step's output replaces the incoming model: the
+random weights or, with ``init_from_teacher``, from the teacher's ("same": a
+copy; "tiny": a selection of them, see :mod:`.selection`), and trained through
+the shared loop, so it resumes after a kill and runs under ``accelerate launch``. The step's output replaces the incoming model: the
 artifact's meta holds the student's ``ModelSpec``, from which ``restore``
 rebuilds it.
 
@@ -129,8 +129,8 @@ def _create_teacher(name: str, ctx: Any) -> nn.Module:
 def check_width(student: str, width: float | None, heads: int | None = None, stem: float | None = None,
                 depth: int | None = None) -> None:
     """The one-line errors for a student's ``width``, ``heads``, ``stem`` and ``depth`` settings (the "tiny"
-    student's layout);
-    whether ``heads`` divides the width is checked when the teacher is known (``quarter_arch``)."""
+    student's layout); whether ``heads`` divides the width is checked when the teacher is known
+    (``quarter_arch``)."""
     check(width is None or student == "tiny", f"width sets the 'tiny' student's width; drop it for student {student}")
     check(width is None or 0 < width < 1, f"width is a fraction of the teacher's width in (0, 1), got {width}")
     check(heads is None or student == "tiny", f"heads sets the 'tiny' student's head count; drop it for student {student}")
