@@ -20,7 +20,7 @@ from torch import nn
 from ...config import LATE, check
 from ...models import is_known_model
 from ..registry import StepOutput, register_method
-from .method import build_student, check_width, finish, restore_student, train_kwargs
+from .method import build_student, check_width, restore_student, student_output, train_kwargs
 from .selection import select_weights
 from .students import STUDENT_CHOICES
 
@@ -71,8 +71,4 @@ def train_student(model: nn.Module, cfg: TrainStudentConfig, ctx: Any) -> StepOu
                                   stem=cfg.stem, depth=cfg.depth)
     selected = select_weights(student, model) if cfg.init_from_teacher else None
     result = ctx.fit(student, desc=f"{ctx.name} (labels only)", **train_kwargs(cfg))
-    student = finish(result.model)
-    meta = {"student": spec, "params": sum(p.numel() for p in student.parameters()), "history": result.history}
-    if selected is not None:
-        meta["selected"] = selected
-    return StepOutput(student, meta)
+    return student_output(result, spec, selected)

@@ -172,6 +172,16 @@ def train_kwargs(cfg: Any) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ("epochs", "lr", "train_subset", "augment") if getattr(cfg, k) is not None}
 
 
+def student_output(result: Any, spec: dict[str, Any] | None, selected: dict[str, Any] | None) -> StepOutput:
+    """A trained student (``result``: the loop's ``TrainResult``) in inference mode, with what restores it:
+    its spec, parameter count, training history and, where it started from a selection, which teacher weights."""
+    student = finish(result.model)
+    meta = {"student": spec, "params": sum(p.numel() for p in student.parameters()), "history": result.history}
+    if selected is not None:
+        meta["selected"] = selected
+    return StepOutput(student, meta)
+
+
 def finish(student: nn.Module) -> nn.Module:
     """Inference mode: eval, and a distilled student averages its two heads."""
     if hasattr(student, "set_distilled_training"):
@@ -210,16 +220,9 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
                                 label_smoothing=ctx.baseline_train.label_smoothing)
     result = ctx.fit(student, loss_fn=loss_fn, desc=f"{ctx.name} ({cfg.loss})", extra_modules=(teacher,),
                      **train_kwargs(cfg))
-    student = finish(result.model)
-    meta = {
-        "student": spec,
-        "params": sum(p.numel() for p in student.parameters()),
-        "history": result.history,
-    }
-    if selected is not None:
-        meta["selected"] = selected
-    return StepOutput(student, meta)
+    return student_output(result, spec, selected)
 
 
-__all__ = ["DistillConfig", "build_student", "check_width", "distill", "finish", "load_teacher", "restore_student", "train_kwargs"]
+__all__ = ["DistillConfig", "build_student", "check_width", "distill", "finish", "load_teacher", "restore_student",
+           "student_output", "train_kwargs"]
 

@@ -62,8 +62,8 @@ def vitc_deit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
 
 def quarter_arch(arch: dict[str, Any], width: float = 0.5, heads: int | None = None,
                  stem: float | None = None, depth: int | None = None) -> dict[str, Any]:
-    """A narrower student at the same depth: ``width`` of the teacher's embedding width (and of its conv
-    stem's channels). The default, half the width, has about a quarter of the parameters and of the MACs;
+    """A narrower student (at the same depth unless ``depth`` says otherwise): ``width`` of the teacher's
+    embedding width (and of its conv stem's channels). The default, half the width, has about a quarter of the parameters and of the MACs;
     ``width=0.25`` is DeiT-Ti's ratio to DeiT-B (192 of 768), about 1/16 of the block parameters.
 
     The head count stays the teacher's unless a head would be narrower than

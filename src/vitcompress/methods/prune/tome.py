@@ -212,11 +212,6 @@ def _cap(r: int, rest: int) -> int:
     return max(0, min(r, math.ceil(rest / 2), rest - 1))  # |A| = ceil(rest/2); keep one patch token
 
 
-def entry_merge(tokens: int, prefix: int, cfg: TokenMergeConfig) -> int:
-    """Tokens merged before the first block, capped as a block's merge is."""
-    return _cap(cfg.entry, tokens - prefix)
-
-
 def merge_schedule(tokens: int, prefix: int, depth: int, cfg: TokenMergeConfig) -> list[int]:
     """Tokens merged in each block, capped so that bipartite matching can pair them and >= 1 patch token stays.
 
@@ -261,7 +256,7 @@ def _check_model(model: nn.Module) -> tuple[int, int]:
 def apply_merging(model: nn.Module, cfg: TokenMergeConfig) -> tuple[nn.Module, list[int], list[int]]:
     """Swap in merging blocks, in place; the per-block r and the tokens entering each block."""
     prefix, tokens = _check_model(model)
-    entry = entry_merge(tokens, prefix, cfg)
+    entry = _cap(cfg.entry, tokens - prefix)  # merged before the first block, capped as a block's merge is
     tokens -= entry
     schedule = merge_schedule(tokens, prefix, len(model.blocks), cfg)
     blocks = []
