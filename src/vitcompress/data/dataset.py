@@ -1,8 +1,10 @@
 """What a dataset is: its constants (`DatasetInfo`) and one split held in memory.
 
-Every supported dataset is small enough (at most 60,000 images of 32x32x3 bytes)
+The bundled datasets are small enough (at most 60,000 images of 32x32x3 bytes)
 to sit in memory as one uint8 tensor, so batches are gathered by indexing and
-transformed as whole batches instead of image by image.
+transformed as whole batches instead of image by image. Images from files (an
+image folder, a Hugging Face dataset, see :mod:`.files`) are held the same way
+when they fit the memory budget, decoded once at the model's input size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from vitcompress.data.preprocess import Preprocess
 from vitcompress.errors import VitcompressError
 
 __all__ = [
@@ -35,19 +38,24 @@ class DatasetInfo:
     """Constants of one dataset, in its native resolution and channels.
 
     ``mean`` and ``std`` are per native channel in [0, 1] pixel units, computed
-    on the training split; ``classes`` are indexed by label.
+    on the training split (None where they were not computed: images from files
+    fed to a model that brings its own); ``classes`` are indexed by label.
+    For images decoded from files, ``in_chans`` and ``img_size`` are what they
+    were decoded to.
     """
 
     name: str
     num_classes: int
     in_chans: int
     img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
     classes: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"{self.name}: give both mean and std, or neither")
+        if self.mean is not None and (len(self.mean) != self.in_chans or len(self.std or ()) != self.in_chans):
             raise ValueError(f"{self.name}: mean/std need {self.in_chans} values, one per channel")
         if len(self.classes) != self.num_classes:
             raise ValueError(f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes")
@@ -153,6 +161,10 @@ class ImageTensorDataset(Dataset):
 
     The tensors may be shared with other datasets of the same split (the loading
     cache and `subset` hand out the same storage); treat them as read-only.
+
+    ``preprocess`` is the model input recipe the split is prepared for (see
+    :mod:`.preprocess`); `make_loader` follows it. None: the dataset's own
+    statistics at whatever size and channels the loader is asked for.
     """
 
     def __init__(
@@ -162,6 +174,7 @@ class ImageTensorDataset(Dataset):
         info: DatasetInfo,
         split: str,
         source: str,
+        preprocess: Preprocess | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -176,6 +189,11 @@ class ImageTensorDataset(Dataset):
         self.info = info
         self.split = split
         self.source = source
+        self.preprocess = preprocess
+
+    def with_preprocess(self, preprocess: Preprocess | None) -> ImageTensorDataset:
+        """The same images (shared storage), prepared for a model's ``preprocess``."""
+        return ImageTensorDataset(self.images, self.labels, self.info, self.split, self.source, preprocess)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -207,7 +225,8 @@ class ImageTensorDataset(Dataset):
                 f"subset index out of range for the {n} images of {self.info.name} {self.split}; "
                 f"use indices in 0..{n - 1}"
             )
-        return ImageTensorDataset(self.images[idx], self.labels[idx], self.info, self.split, self.source)
+        return ImageTensorDataset(self.images[idx], self.labels[idx], self.info, self.split, self.source,
+                                  self.preprocess)
 
     def __repr__(self) -> str:
         c, h, w = self.images.shape[1:]
