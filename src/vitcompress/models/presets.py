@@ -10,9 +10,11 @@ timm model, whatever the preset.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from timm.models import register_model
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -82,8 +84,12 @@ def stem_channels(model: nn.Module) -> tuple[int, ...] | None:
 
 
 def build_vit(cls: type[VisionTransformer] = VisionTransformer, **arch: Any) -> VisionTransformer:
-    """A timm ``VisionTransformer`` (or subclass); ``stem=(c1, c2, ...)`` swaps in a `ConvStem`."""
+    """A timm ``VisionTransformer`` (or subclass); ``stem=(c1, c2, ...)`` swaps in a `ConvStem`;
+    ``norm_eps`` sets every LayerNorm's epsilon (timm's 1e-6 by default; transformers' ViTs use 1e-12)."""
     stem = arch.pop("stem", None)
+    eps = arch.pop("norm_eps", None)
+    if eps is not None:
+        arch["norm_layer"] = partial(nn.LayerNorm, eps=float(eps))
     # timm passes its hub arguments on; no hub weights exist for these layouts.
     for key in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         arch.pop(key, None)
@@ -125,3 +131,15 @@ def vitc_small(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
 @register_model
 def vitc_tiny_p2(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     return _build("vitc_tiny_p2", **kwargs)
+
+
+@register_model
+def vitc_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A plain timm ViT of any layout given in kwargs (a "tiny" student, a converted transformers ViT)."""
+    return build_vit(VisionTransformer, **kwargs)
+
+
+@register_model
+def vitc_deit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A timm ViT with DeiT's distillation token, of any layout given in kwargs."""
+    return build_vit(VisionTransformerDistilled, **kwargs)
