@@ -32,6 +32,9 @@ class StepOutput:
 
 ApplyFn = Callable[[nn.Module, Any, "StepContext"], StepOutput]
 RestoreFn = Callable[[nn.Module, Any, dict[str, Any]], nn.Module]
+# (model, the step's config, one input's (C, H, W) or None) -> why the method cannot run on it, or None.
+# The model may live on the meta device (``vitcompress validate`` builds none for real).
+RequiresFn = Callable[[nn.Module, Any, "tuple[int, ...] | None"], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class MethodSpec:
     restore: RestoreFn | None
     # True when the output holds integer weights: no training or structural step may follow it.
     produces_int_weights: bool = False
+    supports: str = "any model"  # the architectures it runs on, in words (`vitcompress list`)
+    requires: RequiresFn | None = None
+
+    def problem(self, model: nn.Module, config: Any, example_shape: tuple[int, ...] | None = None) -> str | None:
+        """Why this method cannot run on ``model`` with ``config``, or None."""
+        return None if self.requires is None else self.requires(model, config, example_shape)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -57,13 +66,17 @@ def register_method(
     summary: str,
     restore: RestoreFn | None = None,
     produces_int_weights: bool = False,
+    supports: str = "any model",
+    requires: RequiresFn | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
-    """Decorator: register ``apply`` under ``name`` (e.g. ``ptq.dynamic``)."""
+    """Decorator: register ``apply`` under ``name`` (e.g. ``ptq.dynamic``); ``requires`` says, for a model
+    and a config, why the method cannot run on it (``supports`` says the same in words)."""
 
     def deco(apply: ApplyFn) -> ApplyFn:
         if name in METHODS:
             raise RuntimeError(f"method {name} registered twice")
-        METHODS[name] = MethodSpec(name, family, summary, config_cls, apply, restore, produces_int_weights)
+        METHODS[name] = MethodSpec(name, family, summary, config_cls, apply, restore, produces_int_weights,
+                                   supports, requires)
         return apply
 
     return deco

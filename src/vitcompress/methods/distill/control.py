@@ -20,7 +20,15 @@ from torch import nn
 from ...config import LATE, check
 from ...models import is_known_model
 from ..registry import StepOutput, register_method
-from .method import build_student, check_width, restore_student, student_output, train_kwargs
+from .method import (
+    build_student,
+    check_student_weights,
+    check_width,
+    needs_layout_teacher,
+    restore_student,
+    student_output,
+    train_kwargs,
+)
 from .selection import select_weights
 from .students import STUDENT_CHOICES
 
@@ -33,6 +41,7 @@ class TrainStudentConfig:
     lr: float | None = None  # None: the baseline's
     train_subset: int | None = None  # None: the baseline's
     pretrained: bool = False  # a named hub student starts from hub weights
+    checkpoint: str | None = field(default=None, metadata=LATE)  # or from a local file (as distill's)
     augment: bool | None = field(default=None, metadata=LATE)  # random crop + flip; None: as the baseline trained
     width: float | None = field(default=None, metadata=LATE)  # student "tiny"'s fraction of the width (None: ½)
     heads: int | None = field(default=None, metadata=LATE)  # student "tiny"'s head count (None: as distill's)
@@ -53,9 +62,7 @@ class TrainStudentConfig:
         check(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1 or null")
         check(not (self.student == "input" and self.dist_token),
               "student 'input' keeps the incoming model as it is; drop dist_token")
-        check(not self.pretrained or (self.student not in STUDENT_CHOICES and not self.student.startswith("vitc_")),
-              "pretrained applies to a named hub student (e.g. deit_tiny_distilled_patch16_224); "
-              "same/tiny/input and the vitc_* presets have no hub weights")
+        check_student_weights(self.student, self.pretrained, self.checkpoint)
 
 
 @register_method(
@@ -64,11 +71,13 @@ class TrainStudentConfig:
     family="training",
     summary="train a student on the labels alone (the control row for distillation)",
     restore=restore_student,
+    supports="any model; students same/tiny need a timm ViT of plain blocks to copy",
+    requires=needs_layout_teacher,
 )
 def train_student(model: nn.Module, cfg: TrainStudentConfig, ctx: Any) -> StepOutput:
     student, spec = build_student(cfg.student, model, model, ctx, dist_token=cfg.dist_token,
                                   pretrained=cfg.pretrained, width=cfg.width, heads=cfg.heads,
-                                  stem=cfg.stem, depth=cfg.depth)
+                                  stem=cfg.stem, depth=cfg.depth, checkpoint=cfg.checkpoint)
     selected = select_weights(student, model) if cfg.init_from_teacher else None
     result = ctx.fit(student, desc=f"{ctx.name} (labels only)", **train_kwargs(cfg))
     return student_output(result, spec, selected)

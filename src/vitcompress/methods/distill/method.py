@@ -29,7 +29,8 @@ from torch import nn
 
 from ...config import LATE, check
 from ...errors import VitcompressError
-from ...models import ModelSpec, create_model, is_known_model, load_weights
+from ...models import ModelSpec, create_model, is_known_model, load_model, load_weights
+from ...models.arch import plain_vit_problem
 from ..registry import StepOutput, register_method
 from .losses import DistTarget, LossName, make_distill_loss
 from .selection import select_weights
@@ -59,6 +60,9 @@ class DistillConfig:
     # residual channels, heads, MLP units and stem channels.
     init_from_teacher: bool = False
     pretrained: bool = False  # a named hub student (e.g. deit_tiny_distilled_patch16_224) starts from hub weights
+    # A named student's weights from a local file (.safetensors / .pth), through timm's loading path: the offline
+    # twin of pretrained (position embeddings resampled, a head of another class count re-initialised).
+    checkpoint: str | None = field(default=None, metadata=LATE)
     teacher: str | None = None  # None: the study's baseline; else an artifact folder or a checkpoint file
     teacher_model: str | None = None  # the model a teacher checkpoint file fits (None: the baseline's)
     # Student "tiny"'s fraction of the teacher's width (None: a half); 0.25 is DeiT-Ti's ratio to DeiT-B.
@@ -85,9 +89,7 @@ class DistillConfig:
               "student 'input' keeps the incoming model as it is; drop dist_token")
         check(not self.init_from_teacher or self.student in ("same", "tiny"),
               "init_from_teacher needs student: same or tiny")
-        check(not self.pretrained or (self.student not in STUDENT_CHOICES and not self.student.startswith("vitc_")),
-              "pretrained applies to a named hub student (e.g. deit_tiny_distilled_patch16_224); "
-              "same/tiny/input and the vitc_* presets have no hub weights")
+        check_student_weights(self.student, self.pretrained, self.checkpoint)
         check(self.teacher_model is None or self.teacher is not None, "teacher_model needs teacher (a checkpoint)")
         check(self.teacher_model is None or is_known_model(self.teacher_model),
               f"unknown teacher_model '{self.teacher_model}'")
@@ -142,20 +144,50 @@ def check_width(student: str, width: float | None, heads: int | None = None, ste
     check(depth is None or depth >= 1, f"depth must be >= 1, got {depth}")
 
 
+def check_student_weights(student: str, pretrained: bool, checkpoint: str | None) -> None:
+    """The one-line errors for where a named student's weights come from."""
+    check(not pretrained or (student not in STUDENT_CHOICES and not student.startswith("vitc_")),
+          "pretrained applies to a named hub student (e.g. deit_tiny_distilled_patch16_224); "
+          "same/tiny/input and the vitc_* presets have no hub weights")
+    check(checkpoint is None or student not in STUDENT_CHOICES,
+          f"checkpoint gives a named student its weights; student {student!r} has none to load")
+    check(not (pretrained and checkpoint), "give pretrained (hub weights, online) or checkpoint (a local file), "
+                                           "not both")
+
+
 def build_student(choice: str, reference: nn.Module, incoming: nn.Module, ctx: Any, *, dist_token: bool,
                   pretrained: bool, width: float | None = None, heads: int | None = None,
-                  stem: float | None = None, depth: int | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
-    """The student module and the spec that rebuilds it (None for "input", which keeps ``incoming``)."""
+                  stem: float | None = None, depth: int | None = None, checkpoint: str | None = None,
+                  ) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The student module and the spec that rebuilds it (None for "input", which keeps ``incoming``).
+
+    A named student is any model a recipe's baseline can be (a timm name, a transformers folder,
+    a preset), with hub weights (``pretrained``) or a local ``checkpoint``.
+    """
     if choice == "input":
         return incoming, None
-    spec = student_spec(choice, reference, dist_token=dist_token, num_classes=ctx.num_classes,
-                        img_size=ctx.img_size, in_chans=ctx.in_chans, pretrained=pretrained, width=width,
-                        heads=heads, stem=stem, depth=depth)
-    student = create_model(spec)
-    if choice == "same":
-        check_same_layout(student, reference)
+    if choice in ("same", "tiny"):
+        spec = student_spec(choice, reference, dist_token=dist_token, num_classes=ctx.num_classes,
+                            img_size=ctx.img_size, in_chans=ctx.in_chans, width=width, heads=heads, stem=stem,
+                            depth=depth)
+        student = create_model(spec)
+        if choice == "same":
+            check_same_layout(student, reference)
+    else:
+        loaded = load_model(choice, num_classes=ctx.num_classes, img_size=ctx.img_size, in_chans=ctx.in_chans,
+                            pretrained=pretrained, checkpoint=checkpoint)
+        student, spec = loaded.model, loaded.spec
     # Saved without hub or file sources: the artifact's own tensors fill the rebuilt student.
     return student, spec.to_dict() | {"pretrained": False, "checkpoint": None}
+
+
+def needs_layout_teacher(model: nn.Module, cfg: Any, example_shape: tuple[int, ...] | None = None) -> str | None:
+    """A requirement (see ``register_method``): students "same" and "tiny" copy a ViT's layout."""
+    if getattr(cfg, "student", None) not in ("same", "tiny") or getattr(cfg, "teacher", None) is not None:
+        return None
+    problem = plain_vit_problem(model)
+    return (f"student {cfg.student!r} copies the incoming ViT's layout, and {problem}; name a student model"
+            if problem else None)
 
 
 def restore_student(model: nn.Module, cfg: Any, meta: dict[str, Any]) -> nn.Module:
@@ -195,6 +227,8 @@ def finish(student: nn.Module) -> nn.Module:
     family="distillation",
     summary="train a student from the teacher: soft / hard / DeiT distillation token (DeiT base, DeiT tiny)",
     restore=restore_student,
+    supports="any teacher; students same/tiny need a timm ViT of plain blocks to copy",
+    requires=needs_layout_teacher,
 )
 def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
     teacher = load_teacher(cfg, ctx, model)
@@ -203,7 +237,7 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
     layout = model if not isinstance(teacher, VisionTransformer) and isinstance(model, VisionTransformer) else teacher
     student, spec = build_student(cfg.student, layout, model, ctx, dist_token=cfg.uses_token,
                                   pretrained=cfg.pretrained, width=cfg.width, heads=cfg.heads,
-                                  stem=cfg.stem, depth=cfg.depth)
+                                  stem=cfg.stem, depth=cfg.depth, checkpoint=cfg.checkpoint)
     if student is teacher:
         raise VitcompressError("student 'input' is the teacher here; name a teacher (teacher: ARTIFACT_DIR)")
     selected = None
@@ -223,6 +257,6 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
     return student_output(result, spec, selected)
 
 
-__all__ = ["DistillConfig", "build_student", "check_width", "distill", "finish", "load_teacher", "restore_student",
-           "student_output", "train_kwargs"]
+__all__ = ["DistillConfig", "build_student", "check_student_weights", "check_width", "distill", "finish",
+           "load_teacher", "needs_layout_teacher", "restore_student", "student_output", "train_kwargs"]
 

@@ -21,7 +21,7 @@ Students are named in a recipe by
 "same" and "tiny" are read from the teacher module, so they work for the presets
 and for hub ViTs alike, and resolve to a ``ModelSpec`` of the generic entry points
 ``vitc_vit`` / ``vitc_deit`` with the layout in its ``kwargs``: that spec is all a
-saved artifact needs to rebuild the student.
+saved artifact needs to rebuild the student (both are registered in :mod:`vitcompress.models.presets`).
 """
 
 from __future__ import annotations
@@ -46,18 +46,6 @@ STUDENT_CHOICES = ("same", "tiny", "input")
 
 def _vit(distilled: bool, **kwargs: Any) -> VisionTransformer:
     return build_vit(VisionTransformerDistilled if distilled else VisionTransformer, **kwargs)
-
-
-@register_model
-def vitc_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """A plain ViT of any layout given in kwargs (the "tiny" student without a token)."""
-    return _vit(False, **kwargs)
-
-
-@register_model
-def vitc_deit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """A ViT with DeiT's distillation token, of any layout given in kwargs."""
-    return _vit(True, **kwargs)
 
 
 def quarter_arch(arch: dict[str, Any], width: float = 0.5, heads: int | None = None,
@@ -162,7 +150,23 @@ def teacher_arch(teacher: nn.Module) -> dict[str, Any]:
     stem = stem_channels(teacher)
     if stem:
         arch["stem"] = list(stem)
+    # What a converted transformers ViT differs in (timm's defaults are left out, so the presets' and
+    # timm ViTs' student specs stay as they were): LayerNorm epsilon, MLP activation, register tokens.
+    eps = float(getattr(teacher.norm, "eps", 1e-6))
+    if eps != 1e-6:
+        arch["norm_eps"] = eps
+    act = type(getattr(teacher.blocks[0].mlp, "act", None)).__name__
+    if act != "GELU":
+        if act not in _ACT_NAMES:
+            raise VitcompressError(f"the teacher's MLP activation {act} has no timm name here; name the student model")
+        arch["act_layer"] = _ACT_NAMES[act]
+    if int(getattr(teacher, "num_reg_tokens", 0) or 0):
+        arch["reg_tokens"] = int(teacher.num_reg_tokens)
     return arch
+
+
+# timm activation classes -> the act_layer names timm's VisionTransformer takes
+_ACT_NAMES = {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "ReLU": "relu", "SiLU": "silu"}
 
 
 def student_spec(choice: str, reference: nn.Module | None, *, dist_token: bool, num_classes: int, img_size: int,
@@ -176,6 +180,8 @@ def student_spec(choice: str, reference: nn.Module | None, *, dist_token: bool, 
         if reference is None:
             raise VitcompressError(f"student '{choice}' needs a teacher to copy the layout from")
         arch = teacher_arch(reference)
+        if dist_token:  # a teacher's register token (a converted DeiT's distillation token) becomes the student's
+            arch.pop("reg_tokens", None)
         if choice == "tiny":
             arch = quarter_arch(arch, 0.5 if width is None else width, heads, stem, depth)
         return ModelSpec("vitc_deit" if dist_token else "vitc_vit", num_classes, img_size, in_chans, kwargs=arch)
@@ -195,6 +201,8 @@ def check_same_layout(student: nn.Module, teacher: nn.Module) -> None:
     for key, value in teacher.state_dict().items():
         if key == "pos_embed":
             continue
+        if key == "reg_token" and "reg_token" not in own:
+            key = "dist_token"  # a converted DeiT's distillation token, held as timm's register token
         if key not in own or own[key].shape != value.shape:
             raise VitcompressError(
                 f"student 'same' does not mirror the teacher (weight {key}); name the student model instead"
@@ -210,6 +218,8 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
     check_same_layout(student, teacher)
     state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
     own = student.state_dict()
+    if "reg_token" in state and "reg_token" not in own:
+        state["dist_token"] = state.pop("reg_token")
     pos = state.get("pos_embed")
     if pos is not None and pos.shape != own["pos_embed"].shape:
         if own["pos_embed"].shape[1] != pos.shape[1] + 1:

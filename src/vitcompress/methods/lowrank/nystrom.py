@@ -38,6 +38,7 @@ from torch import nn
 
 from ...config import check
 from ...errors import VitcompressError
+from ...models.arch import PLAIN_VIT, needs_plain_vit
 from ..registry import StepOutput, register_method
 from ._common import ApproxAttention, check_finetune, finetune, prefix_tokens, sequence_length, swap_attention
 
@@ -179,6 +180,8 @@ def _restore(model: nn.Module, cfg: NystromConfig, meta: dict[str, Any]) -> nn.M
     family="low-rank",
     summary="Nyström attention (Nyströmformer, segment-mean landmarks, iterative pinv) on the trained weights",
     restore=_restore,
+    supports=PLAIN_VIT,
+    requires=needs_plain_vit,
 )
 def nystrom(model: nn.Module, cfg: NystromConfig, ctx: Any) -> StepOutput:
     tokens = sequence_length(model)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ...config import check
+from ...models.arch import PLAIN_VIT, needs_plain_vit
 from ..registry import StepOutput, register_method
 from ._common import ApproxAttention, check_finetune, finetune, one_thread, prefix_tokens, swap_attention
 
@@ -123,6 +124,8 @@ def _restore(model: nn.Module, cfg: PerformerConfig, meta: dict[str, Any]) -> nn
     family="low-rank",
     summary="Performer FAVOR+ attention (positive orthogonal random features) on the trained weights",
     restore=_restore,
+    supports=PLAIN_VIT,
+    requires=needs_plain_vit,
 )
 def performer(model: nn.Module, cfg: PerformerConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model)

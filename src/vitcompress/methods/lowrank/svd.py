@@ -31,6 +31,7 @@ from torch import nn
 
 from ...config import check
 from ...errors import VitcompressError
+from ...models.arch import SWAPPABLE_LINEARS, needs_swappable_linears
 from ..registry import StepOutput, register_method
 from ._common import check_finetune, finetune, one_thread
 
@@ -211,6 +212,8 @@ def _restore(model: nn.Module, cfg: SVDConfig, meta: dict[str, Any]) -> nn.Modul
     family="low-rank",
     summary="truncated-SVD factorization of Linear layers (rank by energy or a global parameter budget)",
     restore=_restore,
+    supports=SWAPPABLE_LINEARS,
+    requires=needs_swappable_linears,
 )
 def svd(model: nn.Module, cfg: SVDConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model)

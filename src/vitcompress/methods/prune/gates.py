@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import check
+from ...models.arch import PLAIN_VIT, needs_plain_vit
 from ..registry import StepOutput, register_method
 from .finetune import finetune_overrides
 from .groups import find_groups
@@ -100,6 +101,8 @@ def train_gates(model: nn.Module, cfg: GatePruneConfig, ctx: Any) -> tuple[nn.Mo
     family="pruning",
     summary="VTP: learnable soft gates per head dim / MLP unit with L1, hardened at ratio r, cut, fine-tuned",
     restore=restore_pruned,
+    supports=PLAIN_VIT,
+    requires=needs_plain_vit,
 )
 def prune_gates(model: nn.Module, cfg: GatePruneConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model)

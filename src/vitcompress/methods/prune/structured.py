@@ -25,6 +25,7 @@ from torch import nn
 
 from ... import dist
 from ...config import LATE, check
+from ...models.arch import PLAIN_VIT, needs_plain_vit
 from ..registry import StepOutput, register_method
 from .cut import apply_plans, plan_from_meta, plan_to_meta, ranges
 from .finetune import finetune
@@ -175,6 +176,8 @@ def restore_pruned(model: nn.Module, cfg: Any, meta: dict[str, Any]) -> nn.Modul
     summary="remove a fraction r of parameters (heads/head dims, MLP channels, stem channels) by "
             "Taylor/KL/magnitude; fine-tune",
     restore=restore_pruned,
+    supports=PLAIN_VIT,
+    requires=needs_plain_vit,
 )
 def prune_structured(model: nn.Module, cfg: StructuredPruneConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model)  # never change the caller's model

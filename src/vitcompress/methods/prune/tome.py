@@ -46,6 +46,7 @@ from torch import nn
 
 from ...config import LATE, check
 from ...errors import VitcompressError
+from ...models.arch import PLAIN_VIT, needs_plain_vit
 from ..registry import StepOutput, register_method
 
 DEFAULT_R = 4
@@ -284,6 +285,8 @@ def _restore(model: nn.Module, cfg: TokenMergeConfig, meta: dict[str, Any]) -> n
     family="pruning",
     summary="ToMe: merge r similar tokens per block (bipartite matching, proportional attention), no training",
     restore=_restore,
+    supports=PLAIN_VIT,
+    requires=needs_plain_vit,
 )
 def token_merge(model: nn.Module, cfg: TokenMergeConfig, ctx: Any) -> StepOutput:
     model, schedule, entering = apply_merging(copy.deepcopy(model), cfg)

@@ -51,6 +51,7 @@ from torch import nn
 
 from ...config import check
 from ...errors import VitcompressError
+from ...models.arch import SWAPPABLE_LINEARS, needs_swappable_linears
 from ..registry import StepOutput, register_method
 from .convs import fold_batchnorms, refold_structure
 from .lsq import (
@@ -280,6 +281,8 @@ def export_packed(model: nn.Module, quantizer: Any, cfg: DiffqConfig) -> tuple[n
     summary="DiffQ: pseudo-quantization-noise training with learned bits per group (diffq), bit-packed file",
     restore=_restore,
     produces_int_weights=True,
+    supports=SWAPPABLE_LINEARS,
+    requires=needs_swappable_linears,
 )
 def diffq_qat(model: nn.Module, cfg: DiffqConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu()

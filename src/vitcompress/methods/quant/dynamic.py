@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
+from ...models.arch import SWAPPABLE_LINEARS, needs_swappable_linears
 from ..registry import StepOutput, register_method
 from .qmodules import Int8Conv2d
 from .static import fold_for_quantization, refold, swap_modules
@@ -67,6 +68,8 @@ def _restore(model: nn.Module, cfg: DynamicQuantConfig, meta: dict[str, Any]) ->
     summary="dynamic int8 Linear layers (torch quantize_dynamic, int8 GEMM on CPU)",
     restore=_restore,
     produces_int_weights=True,
+    supports=SWAPPABLE_LINEARS,
+    requires=needs_swappable_linears,
 )
 def dynamic_quantize(model: nn.Module, cfg: DynamicQuantConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu().eval()

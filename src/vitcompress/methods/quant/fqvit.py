@@ -35,6 +35,7 @@ from torch import nn
 
 from ...config import check
 from ...errors import VitcompressError
+from ...models.arch import SWAPPABLE_LINEARS, needs_swappable_linears
 from ..registry import StepOutput, register_method
 from .observers import CALIBRATORS, CalibratorName, make_observer
 from .static import (
@@ -101,6 +102,8 @@ def _restore(model: nn.Module, cfg: FQViTConfig, meta: dict[str, Any]) -> nn.Mod
     summary="FQ-ViT PTQ: int8 weights/activations, Power-of-Two-Factor LayerNorm inputs, 4-bit Log-Int-Softmax",
     restore=_restore,
     produces_int_weights=True,
+    supports=SWAPPABLE_LINEARS,
+    requires=needs_swappable_linears,
 )
 def fqvit_quantize(model: nn.Module, cfg: FQViTConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu().eval()

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import check
+from ...models.arch import SWAPPABLE_LINEARS, needs_swappable_linears
 from ..registry import StepOutput, register_method
 from .convs import conv_meta, conv_names, fold_batchnorms, refold_structure
 from .packing import pack_bits, packed_numel, unpack_bits
@@ -415,6 +416,8 @@ def fit_overrides(cfg: LsqConfig | Any, ctx: Any) -> dict[str, Any]:
     summary="LSQ quantization-aware training of Linear and Conv2d weights (learned step), bit-packed file, float ops",
     restore=_restore,
     produces_int_weights=True,
+    supports=SWAPPABLE_LINEARS,
+    requires=needs_swappable_linears,
 )
 def lsq_qat(model: nn.Module, cfg: LsqConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu()

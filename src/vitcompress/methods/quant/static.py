@@ -41,6 +41,7 @@ from torch import nn
 from ... import dist
 from ...config import check
 from ...data import make_loader
+from ...models.arch import SWAPPABLE_LINEARS, needs_swappable_linears
 from ..registry import StepOutput, register_method
 from .convs import conv_names, fold_batchnorms, refold_structure
 from .observers import CALIBRATORS, CalibratorName, Observer, make_observer
@@ -207,6 +208,8 @@ def _restore(model: nn.Module, cfg: StaticQuantConfig, meta: dict[str, Any]) -> 
     summary="static int8 PTQ: per-channel int8 weights, calibrated uint8 activations (QDQ → int8 MatMul in ONNX Runtime)",
     restore=_restore,
     produces_int_weights=True,
+    supports=SWAPPABLE_LINEARS,
+    requires=needs_swappable_linears,
 )
 def static_quantize(model: nn.Module, cfg: StaticQuantConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu().eval()
