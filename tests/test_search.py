@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import tiny_recipe_dict
 
-import vitcompress.data as data_mod
+import vitcompress.data.source as data_source
 import vitcompress.search.runner as search_runner
 import vitcompress.study.runner as study_runner
 from vitcompress.errors import VitcompressError
@@ -48,14 +48,14 @@ def test_search_space_is_validated() -> None:
 
 def test_search_respects_the_size_budget_and_never_sees_the_test_split(tmp_path, monkeypatch) -> None:
     calls: list[str] = []
-    real = data_mod.load_split
+    real = data_source.load_split
 
     def spy(name, split, *a, **k):
         calls.append(split)
         return real(name, split, *a, **k)
 
-    monkeypatch.setattr(search_runner, "load_split", spy)
-    monkeypatch.setattr(study_runner, "load_split", spy)
+    # Every split the study and the search read goes through the data source's loader.
+    monkeypatch.setattr(data_source, "load_split", spy)
     measured: list[int] = []
     real_eval = search_runner.evaluate_accuracy
 

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import VitcompressError
 
@@ -23,7 +24,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from .report import render_terminal_table
     from .study import load_recipe, run_study
 
-    recipe = load_recipe(args.recipe)
+    recipe = _with_data(load_recipe(args.recipe), args.data)
     # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 160)
     result = run_study(recipe, args.out, data_root=args.data_root, download=args.download or None,
@@ -36,11 +37,26 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_data(recipe: Any, data: str | None) -> Any:
+    """The recipe with ``--data`` as its dataset (a bundled name, an image folder, hf:PATH), checked again."""
+    if data is None:
+        return recipe
+    from dataclasses import replace
+
+    from .data import data_config_from_arg
+    from .study.recipe import check_models
+
+    out = replace(recipe, data=data_config_from_arg(data, recipe.data))
+    check_models(out)
+    return out
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from .search.runner import run_search
     from .study import load_recipe
 
-    result = run_search(load_recipe(args.recipe), args.out, trials=args.trials, data_root=args.data_root,
+    result = run_search(_with_data(load_recipe(args.recipe), args.data), args.out, trials=args.trials,
+                        data_root=args.data_root,
                         progress=not args.no_progress)
     if result.best is not None:
         print(f"best within budgets: trial {result.best['trial']} ({result.best['method']}), "
@@ -59,7 +75,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if not (run_dir / "results.jsonl").exists():
         raise VitcompressError(f"{run_dir} has no results.jsonl; pass a run folder made by `vitcompress study`")
     info = read_run_info(run_dir)
-    meta = {key: info[key] for key in ("recipe", "command") if info.get(key)}
+    meta = {key: info[key] for key in ("recipe", "command", "data", "classes", "inputs") if info.get(key)}
     paths = render_run(run_dir, read_results(run_dir / "results.jsonl"), meta)
     print(f"report: {paths['report']}")
     return 0
@@ -70,12 +86,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .models import PRESETS
     from .study import bundled_recipes
 
-    print("methods:")
+    print("methods (and the architectures each runs on):")
     for m in list_methods():
-        print(f"  {m.name:<16} {m.family:<14} {m.summary}")
-    print("model presets (any timm ViT/DeiT name works too):")
+        print(f"  {m.name:<18} {m.family:<14} {m.summary}")
+        print(f"  {'':<18} {'':<14} runs on: {m.supports}")
+    print("models: a preset below, any timm name (pretrained tags too), hf-hub:org/name, or a transformers "
+          "ViT/DeiT classifier folder")
     for name, (_, text) in PRESETS.items():
-        print(f"  {name:<16} {text}")
+        print(f"  {name:<18} {text}")
     print("recipes:", ", ".join(bundled_recipes()))
     return 0
 
@@ -124,16 +142,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .export.files import export_files, parity_images, parse_formats, write_summary
+    from .export.files import export_files, parity_images, parse_formats, write_deploy_info, write_summary
     from .measure.bench import load_target
 
     formats = parse_formats(args.formats)
     target = load_target(args.target, checkpoint=args.checkpoint, img_size=args.img_size, in_chans=args.in_chans,
                          num_classes=args.num_classes)
-    images, described = parity_images(target.img_size, target.in_chans, args.images, args.data, args.data_root)
+    images, described = parity_images(target.img_size, target.in_chans, args.images, args.data, args.data_root,
+                                      preprocess=target.preprocess)
     entries = export_files(target.model, args.out, formats, images, threads=args.threads)
+    extra = write_deploy_info(args.out, target.preprocess, target.classes)
     path = write_summary(args.out, {"target": target.source, "model": target.label, "inputs": described,
-                                    "exports": entries})
+                                    "preprocess": target.preprocess, "classes": target.classes,
+                                    "files": [str(f) for f in extra], "exports": entries})
     table = Table(title=f"vitcompress export: {target.label}", caption=f"parity against PyTorch eager on {described}")
     for col in ("Format", "Files", "MB", "Runtime", "Top-1 agree", "max |Δlogit|", "Cosine"):
         table.add_column(col, justify="right" if col not in ("Format", "Files", "Runtime") else "left")
@@ -154,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("study", help="run or resume a study (default recipe: quick)")
     s.add_argument("recipe", nargs="?", default="quick", help="bundled recipe name or path to a YAML recipe")
     s.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    s.add_argument("--data", default=None, metavar="DATA",
+                   help="the dataset instead of the recipe's: a bundled name, an image folder (DIR with train/<class>/ "
+                        "and val/<class>/), or hf:PATH (a Hugging Face dataset: a save_to_disk folder or a hub name)")
     s.add_argument("--data-root", default=None, help="folder holding the dataset files")
     s.add_argument("--download", action="store_true", help="download the dataset when online")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -166,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("recipe", help="bundled recipe name or path to a YAML recipe with a 'search' section")
     se.add_argument("--out", default=None, help="run folder (default runs/<recipe name>-search)")
     se.add_argument("--trials", type=int, default=None, help="number of trials (default: the recipe's)")
+    se.add_argument("--data", default=None, metavar="DATA", help="the dataset instead of the recipe's (as for study)")
     se.add_argument("--data-root", default=None, help="folder holding the dataset files")
     se.add_argument("--no-progress", action="store_true", help="no progress bars")
     se.set_defaults(func=_cmd_search)
@@ -178,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_list)
 
     b = sub.add_parser("bench", help="time an artifact or a timm model on each runtime and batch size")
-    b.add_argument("target", help="artifact folder (run_dir/artifacts/<key>) or timm model name")
+    b.add_argument("target", help="artifact folder (run_dir/artifacts/<key>), a timm model name, or a transformers "
+                                  "model folder")
     b.add_argument("--runtimes", default="auto",
                    help="auto, all, or comma-separated names: torch-eager, torch-compile, onnxruntime, openvino "
                         "(default auto: where the model deploys)")
@@ -201,11 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write an artifact or a timm model as ONNX and OpenVINO IR, checked against "
                                       "PyTorch")
-    e.add_argument("target", help="artifact folder (run_dir/artifacts/<key>) or timm model name")
+    e.add_argument("target", help="artifact folder (run_dir/artifacts/<key>), a timm model name, or a transformers "
+                                  "model folder")
     e.add_argument("--out", required=True, help="folder for the files and export.json")
     e.add_argument("--formats", default="onnx,openvino", help="comma-separated: onnx, openvino (default both)")
-    e.add_argument("--data", default=None, help="dataset whose first test images check parity (default: seeded "
-                                                "random images)")
+    e.add_argument("--data", default=None, help="dataset whose first test images check parity: a bundled name, an "
+                                                "image folder or hf:PATH (default: seeded random images)")
     e.add_argument("--data-root", default=None, help="folder holding the dataset files")
     e.add_argument("--images", type=int, default=256, help="images for the parity check (default 256)")
     e.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core available)")

@@ -41,19 +41,51 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def parity_images(img_size: int, in_chans: int, n: int, data: str | None = None,
-                  data_root: str | None = None, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """``n`` model inputs and a description: a dataset's first test images (as the study feeds them) or noise."""
+                  data_root: str | None = None, seed: int = 0,
+                  preprocess: dict[str, Any] | None = None) -> tuple[torch.Tensor, str]:
+    """``n`` model inputs and a description: the first test images of a dataset (``--data``: a bundled name, an
+    image folder, ``hf:PATH``), prepared as the model's ``preprocess`` says (else the dataset's statistics), or
+    seeded noise."""
     if n < 1:
         raise VitcompressError(f"--images must be at least 1, got {n}")
     if data is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randn(n, in_chans, img_size, img_size, generator=g), f"{n} seeded random images (seed {seed})"
-    from ..data import load_split, make_loader
+    from ..data import (
+        DataConfig,
+        Preprocess,
+        data_config_from_arg,
+        dataset_preprocess,
+        make_loader,
+        open_source,
+    )
 
-    test = load_split(data, "test", data_root)
+    cfg = data_config_from_arg(data, DataConfig(root=data_root) if data_root else None)
+    source = open_source(cfg, root=data_root if cfg.name not in ("imagefolder", "hf") else None)
+    if preprocess is not None:
+        pre = Preprocess.from_dict(preprocess)
+    else:
+        geometry = dataset_preprocess((0.5,) * in_chans, (0.5,) * in_chans, img_size, in_chans)
+        pre = dataset_preprocess(*source.statistics(geometry), img_size, in_chans)
+    test = source.split("test", pre)
     test = test.subset(torch.arange(min(n, len(test))))
-    x = torch.cat([b[0] for b in make_loader(test, 256, train=False, img_size=img_size, in_chans=in_chans)])
-    return x, f"the first {len(x)} {data} test images"
+    x = torch.cat([b[0] for b in make_loader(test, 256, train=False)])
+    return x, f"the first {len(x)} {source.describe()} test images"
+
+
+def write_deploy_info(out_dir: str | os.PathLike, preprocess: dict[str, Any] | None,
+                      classes: list[str] | None) -> list[Path]:
+    """``preprocess.json`` (size, resize, crop, interpolation, mean, std) and ``labels.json`` beside the model
+    files, where known: what a deployment needs to feed the model and read its output."""
+    out = Path(out_dir)
+    written = []
+    if preprocess is not None:
+        (out / "preprocess.json").write_text(json.dumps(preprocess, indent=2) + "\n")
+        written.append(out / "preprocess.json")
+    if classes:
+        (out / "labels.json").write_text(json.dumps(list(classes), indent=2) + "\n")
+        written.append(out / "labels.json")
+    return written
 
 
 def _batched(fn: Any, x: torch.Tensor, batch: int = 64) -> torch.Tensor:

@@ -14,7 +14,6 @@ on the same inputs, not accuracy.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import statistics
@@ -76,7 +75,7 @@ class BenchTarget:
 
     model: nn.Module
     label: str  # e.g. "vitc_micro + ptq.static"
-    kind: Literal["artifact", "timm"]
+    kind: Literal["artifact", "timm", "hf"]
     source: str  # the folder or the model name, as given
     img_size: int
     in_chans: int
@@ -84,6 +83,8 @@ class BenchTarget:
     macs: int | None = None
     size_bytes: int | None = None  # the artifact's weights file, measured from the file
     onnx_dir: Path | None = None  # a folder where the study already exported this artifact to ONNX
+    preprocess: dict[str, Any] | None = None  # its input recipe (``Preprocess.to_dict``), where known
+    classes: list[str] | None = None  # the class names its head predicts, where known
 
 
 # ---- timing (the measurement package's loop, one batch size at a time) --------------------------------------
@@ -246,16 +247,17 @@ def natural_shape(name: str) -> tuple[int, int, int]:
 
 def load_target(target: str, *, checkpoint: str | None = None, img_size: int | None = None,
                 in_chans: int | None = None, num_classes: int | None = None) -> BenchTarget:
-    """An artifact folder (holding ``meta.json``) or a timm model name, ready to benchmark."""
+    """An artifact folder (holding ``meta.json``), or any model a recipe can name (a timm name, a transformers
+    model folder or hub id, ``hf-hub:org/name``), ready to benchmark."""
     from ..artifact import META_FILE, load_artifact, read_meta, size_on_disk
-    from ..models import ModelSpec, create_model, is_known_model
+    from ..models import checkpoint_head_classes, load_model, model_kind, unknown_model_error
 
-    path = Path(target)
-    if path.is_dir():
+    path = Path(target).expanduser()
+    if path.is_dir() and (path / META_FILE).is_file():
         given = [flag for flag, v in (("--checkpoint", checkpoint), ("--img-size", img_size),
                                       ("--in-chans", in_chans), ("--num-classes", num_classes)) if v is not None]
         if given:
-            raise VitcompressError(f"{', '.join(given)} apply to a timm model name; an artifact's shape and "
+            raise VitcompressError(f"{', '.join(given)} apply to a model name; an artifact's shape and "
                                    f"weights come from its {META_FILE}")
         meta = read_meta(path)
         model = load_artifact(path)
@@ -264,20 +266,43 @@ def load_target(target: str, *, checkpoint: str | None = None, img_size: int | N
         onnx_dir = path / "deploy"
         return BenchTarget(model, " + ".join([spec["name"], *steps]), "artifact", str(path), int(spec["img_size"]),
                            int(spec["in_chans"]), int(spec["num_classes"]), meta.get("macs"), size_on_disk(path),
-                           onnx_dir if (onnx_dir / "model.onnx").is_file() else None)
-    if path.exists():
-        raise VitcompressError(f"{target} is a file; pass an artifact folder (with {META_FILE}) or a timm model name")
-    if os.sep in target:
-        raise VitcompressError(f"no artifact folder {target}; pass run_dir/artifacts/<key> or a timm model name")
-    if not is_known_model(target):
-        # create_model's error names similar models and the presets.
-        create_model(ModelSpec(target))
-    size, chans, classes = natural_shape(target)
-    spec = ModelSpec(target, num_classes=num_classes or classes, img_size=img_size or size,
-                     in_chans=in_chans or chans, checkpoint=checkpoint)
-    model = create_model(spec).eval()
-    return BenchTarget(model, target, "timm", target, spec.img_size, spec.in_chans, spec.num_classes,
-                       onnx_dir=None)
+                           onnx_dir if (onnx_dir / "model.onnx").is_file() else None, meta.get("preprocess"),
+                           meta.get("classes"))
+    kind = model_kind(target)
+    if kind is None:
+        if path.is_dir():
+            raise VitcompressError(f"{target} is not a vitcompress artifact (no {META_FILE}) nor a transformers "
+                                   "model folder (no config.json); pass run_dir/artifacts/<key> or a model folder")
+        if "/" in target and not target.startswith("hf-hub:"):
+            raise VitcompressError(f"no artifact folder {target}; pass run_dir/artifacts/<key>, a transformers "
+                                   "model folder, or a model name")
+        raise unknown_model_error(target)
+    if kind == "hf":
+        if checkpoint is not None:
+            raise VitcompressError("--checkpoint applies to a timm model name; a transformers model's weights "
+                                   "come from its folder")
+        loaded = load_model(target, num_classes=num_classes or _hf_classes(target), img_size=img_size,
+                            in_chans=in_chans)
+    else:
+        size, chans, classes = natural_shape(target) if kind != "timm-hub" else (224, 3, 1000)
+        if checkpoint is not None and num_classes is None:
+            classes = checkpoint_head_classes(checkpoint) or classes
+        loaded = load_model(target, num_classes=num_classes or classes, img_size=img_size or size,
+                            in_chans=in_chans or chans, checkpoint=checkpoint, pretrained=kind == "timm-hub")
+    spec = loaded.spec
+    return BenchTarget(loaded.model.eval(), target, "hf" if kind == "hf" else "timm", target, spec.img_size,
+                       spec.in_chans, spec.num_classes, onnx_dir=None,
+                       preprocess=loaded.preprocess.to_dict() if loaded.preprocess is not None else None,
+                       classes=list(loaded.classes) if loaded.classes else None)
+
+
+def _hf_classes(name: str) -> int:
+    """The class count of a transformers checkpoint's head (from its config)."""
+    from ..models.hf import read_hf_config, resolve_hf
+
+    cfg = read_hf_config(resolve_hf(name))
+    labels = cfg.get("id2label")
+    return int(len(labels) if isinstance(labels, dict) and labels else cfg.get("num_labels", 2))
 
 
 # ---- the benchmark ------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from ..artifact import load_artifact
 from ..config import key_dict
-from ..data import ImageTensorDataset, load_split
+from ..data import FileImages, ImageTensorDataset
 from ..errors import VitcompressError
 from ..measure import evaluate_accuracy
 from ..study.recipe import Experiment, Recipe, _parse_steps
@@ -65,7 +65,7 @@ class SearchStudy(Study):
         return self.run_dir / "artifacts" / f"val-{self.recipe.prefix_key(steps)}"
 
     def _split(self) -> None:
-        full = load_split(self.recipe.data.name, "train", self.data_root, self.download)
+        full = self.source.split("train", self.preprocess, progress=self.progress)
         if self.val_images >= len(full):
             raise VitcompressError(f"search.val_images ({self.val_images}) must be below the {len(full)} training "
                                    "images; lower it")
@@ -76,14 +76,14 @@ class SearchStudy(Study):
         self._test = full.subset(self.val_indices)
 
     @property
-    def train_ds(self) -> ImageTensorDataset:
+    def train_ds(self) -> ImageTensorDataset | FileImages:
         if self._train is None:
             self._split()
         assert self._train is not None
         return self._train
 
     @property
-    def test_ds(self) -> ImageTensorDataset:
+    def test_ds(self) -> ImageTensorDataset | FileImages:
         if self._test is None:
             self._split()
         assert self._test is not None
@@ -282,7 +282,7 @@ def _evaluate_on_test(study: SearchStudy, rows: list[dict[str, Any]], run_dir: P
     wanted = {r["artifact"] for r in rows}
     if set(cached.get("test_top1", {})) == wanted:
         return cached["test_top1"]
-    test = load_split(study.recipe.data.name, "test", study.data_root, study.download)
+    test = study.source.split("test", study.preprocess, progress=study.progress)
     out = {}
     for r in rows:
         model = load_artifact(run_dir / Path(r["artifact"]).parent)

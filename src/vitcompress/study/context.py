@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import ImageTensorDataset, make_loader
+from ..data import FileImages, ImageTensorDataset, make_loader
 from ..train import LossFn, TrainConfig, TrainResult, fit
 
 
 @dataclass
 class StepContext:
-    train_ds: ImageTensorDataset
+    train_ds: ImageTensorDataset | FileImages  # prepared for the models' input (``train_ds.preprocess``)
     img_size: int
     in_chans: int
     num_classes: int
@@ -30,7 +30,7 @@ class StepContext:
     progress: bool = True
     name: str = "step"
 
-    def calib_dataset(self, n: int | None = None) -> ImageTensorDataset:
+    def calib_dataset(self, n: int | None = None) -> ImageTensorDataset | FileImages:
         """A fixed, seeded slice of the training split for calibration or importance scores."""
         n = min(n or self.calib_images, len(self.train_ds))
         g = torch.Generator().manual_seed(self.seed + 1)

@@ -18,45 +18,37 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from ..config import check, from_dict, key_dict, to_dict
-from ..data import DATASETS
+from ..config import LATE, check, from_dict, key_dict, to_dict
+from ..data import DATASETS, DataConfig
 from ..errors import VitcompressError
 from ..measure import MeasureConfig
 from ..methods import get_method, parse_config
-from ..models import PRESETS, ModelSpec, is_known_model
+from ..models import ModelSpec, input_shape, is_known_model, structure_of, unknown_model_error
 from ..train import TrainConfig
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    name: str = "fashion-mnist"
-    root: str | None = None
-    download: bool = False
-    calib_images: int = 256  # training images methods may use for calibration or importance scores
-
-    def __post_init__(self) -> None:
-        check(self.name in DATASETS, f"unknown dataset '{self.name}'; known: {', '.join(DATASETS)}")
-        check(self.calib_images >= 1, "calib_images must be >= 1")
-
-
-@dataclass(frozen=True)
 class BaselineConfig:
+    # A preset, a timm name (a pretrained tag allowed), hf-hub:org/name, or a transformers ViT/DeiT folder.
     model: str
     name: str = "Vanilla ViT"
     pretrained: bool = False
     checkpoint: str | None = None
-    img_size: int | None = None  # None: the preset's own size, 224 for hub models
-    in_chans: int | None = None  # None: the dataset's channels for presets, 3 for hub models
+    img_size: int | None = None  # None: the preset's own size; a transformers model's; a timm model's (224)
+    in_chans: int | None = None  # None: the dataset's channels for presets, 3 (or the config's) for the others
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Input recipe: "model" (the model's own: timm's pretrained config, a transformers preprocessor_config),
+    # "dataset" (the training split's statistics), "auto" (the model's where it brings weights, else the data's).
+    preprocess: Literal["auto", "model", "dataset"] = field(default="auto", metadata=LATE)
 
     def __post_init__(self) -> None:
-        check(is_known_model(self.model), f"unknown model '{self.model}'; use a timm model name or a preset "
-              f"({', '.join(PRESETS)})")
+        if not is_known_model(self.model):
+            raise unknown_model_error(self.model)
         check(self.img_size is None or 8 <= self.img_size <= 1024, "img_size must be in [8, 1024]")
         check(self.in_chans in (None, 1, 3), "in_chans must be 1 or 3")
 
@@ -97,20 +89,22 @@ class Recipe:
     source: str = ""
     search: Any = None  # vitcompress.search.SearchConfig, for `vitcompress search`
 
-    def model_spec(self) -> ModelSpec:
+    def model_spec(self, num_classes: int | None = None, data_channels: int | None = None) -> ModelSpec:
+        """The baseline as the recipe names it, its input size and channels resolved; the class count and
+        the images' channels come from the data (known for the bundled datasets)."""
         b = self.baseline
-        info = DATASETS[self.data.name]
-        if b.model in PRESETS:
-            img = b.img_size or PRESETS[b.model][0]["img_size"]
-            chans = b.in_chans or info.in_chans
-        else:
-            img = b.img_size or 224
-            chans = b.in_chans or 3
-        return ModelSpec(b.model, info.num_classes, img, chans, b.pretrained, b.checkpoint, dict(b.model_kwargs))
+        if num_classes is None or data_channels is None:
+            if self.data.name not in DATASETS:
+                raise VitcompressError(f"the class count of {self.data.name} data comes from the files; open the "
+                                       "data first (vitcompress.data.open_source)")
+            info = DATASETS[self.data.name]
+            num_classes, data_channels = info.num_classes, info.in_chans
+        img, chans = input_shape(b.model, b.img_size, b.in_chans, data_channels)
+        return ModelSpec(b.model, num_classes, img, chans, b.pretrained, b.checkpoint, dict(b.model_kwargs))
 
     def baseline_key(self) -> str:
-        """Fingerprint of everything the baseline depends on."""
-        return _digest({"data": to_dict(self.data) | {"root": None}, "baseline": to_dict(self.baseline),
+        """Fingerprint of everything the baseline depends on (options added later count only when set)."""
+        return _digest({"data": key_dict(self.data) | {"root": None}, "baseline": key_dict(self.baseline),
                         "seed": self.seed})
 
     def prefix_key(self, steps: tuple[Step, ...]) -> str:
@@ -212,7 +206,53 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         from ..search.space import parse_search
 
         search = parse_search(data["search"], f"{source}: search")
-    return Recipe(name.strip(), description, seed, data_cfg, baseline, measure, experiments, source, search)
+    recipe = Recipe(name.strip(), description, seed, data_cfg, baseline, measure, experiments, source, search)
+    check_models(recipe)
+    return recipe
+
+
+def check_models(recipe: Recipe) -> None:
+    """Say no early: every local checkpoint a recipe names exists, and every step can run on the model it gets.
+
+    The baseline (and any student a step swaps in) is built on the meta device, structure only, and each
+    method's requirement is asked of it; a pair that cannot run is one line naming the method and the
+    architecture, before any work. Models that only the hub can describe are checked when loaded.
+    """
+    b = recipe.baseline
+    paths = [(f"{recipe.source}: baseline.checkpoint", b.checkpoint)]
+    for i, exp in enumerate(recipe.experiments):
+        for j, step in enumerate(exp.steps):
+            paths.append((f"{recipe.source}: experiments[{i}].steps[{j}].{step.method}.checkpoint",
+                          getattr(step.config, "checkpoint", None)))
+    for where, path in paths:
+        if path is not None and not Path(path).expanduser().is_file():
+            what = "is a folder" if Path(path).expanduser().is_dir() else "does not exist"
+            raise VitcompressError(f"{where}: {path} {what}; pass the path of a .safetensors or .pth file")
+    info = DATASETS.get(recipe.data.name)
+    spec = recipe.model_spec(info.num_classes if info else 10, info.in_chans if info else 3)
+    base = structure_of(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, in_chans=spec.in_chans,
+                        kwargs=spec.kwargs)
+    if base is None:
+        return
+    shape = (spec.in_chans, spec.img_size, spec.img_size)
+    seen: dict[tuple[int, str, str], str | None] = {}
+    for i, exp in enumerate(recipe.experiments):
+        model, label = base, spec.name
+        for j, step in enumerate(exp.steps):
+            method = get_method(step.method)
+            key = (id(model), step.method, f"{getattr(step.config, 'student', '')}|{getattr(step.config, 'teacher', '')}")
+            if key not in seen:
+                seen[key] = method.problem(model, step.config, shape)
+            if seen[key]:
+                raise VitcompressError(f"{recipe.source}: experiments[{i}] ({exp.name}) step {j + 1}: {step.method} "
+                                       f"cannot run on {label}: {seen[key]}")
+            student = getattr(step.config, "student", None)
+            if isinstance(student, str) and student not in ("same", "tiny", "input"):
+                model = structure_of(student, num_classes=spec.num_classes, img_size=spec.img_size,
+                                     in_chans=spec.in_chans)
+                label = student
+                if model is None:
+                    break
 
 
 def bundled_recipes() -> list[str]:

@@ -32,7 +32,15 @@ from torch import nn
 from .. import dist
 from ..artifact import META_FILE, load_artifact, read_meta, save_artifact, size_on_disk, upgrade_artifact
 from ..config import to_dict
-from ..data import ImageTensorDataset, load_split, make_loader
+from ..data import (
+    DataSource,
+    FileImages,
+    ImageTensorDataset,
+    Preprocess,
+    dataset_preprocess,
+    make_loader,
+    open_source,
+)
 from ..errors import VitcompressError
 from ..measure import (
     count_macs,
@@ -44,7 +52,7 @@ from ..measure import (
     uses_integer_kernels,
 )
 from ..methods import get_method, parse_config
-from ..models import create_model
+from ..models import ModelSpec, load_model, model_preprocess
 from .context import StepContext
 from .recipe import Experiment, Recipe, Step
 from .results import RESULTS_FILE, append_row, load_rows
@@ -158,23 +166,73 @@ class Study:
         self.progress = progress
         self.debug = debug
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.spec = recipe.model_spec()
         self.results_path = run_dir / RESULTS_FILE
-        self._train: ImageTensorDataset | None = None
-        self._test: ImageTensorDataset | None = None
+        self._source: DataSource | None = None
+        self._spec: ModelSpec | None = None
+        self._preprocess: Preprocess | None = None
+        self._train: ImageTensorDataset | FileImages | None = None
+        self._test: ImageTensorDataset | FileImages | None = None
         self._baseline: nn.Module | None = None
 
     # ---- data -------------------------------------------------------------------------------
     @property
-    def train_ds(self) -> ImageTensorDataset:
+    def source(self) -> DataSource:
+        """The recipe's dataset (its class names are known once it is open; its files are read on demand)."""
+        if self._source is None:
+            self._source = open_source(self.recipe.data, root=self.data_root, download=self.download, log=self.log)
+        return self._source
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The baseline as the recipe names it, with the data's class count and its input size resolved."""
+        if self._spec is None:
+            self._spec = self.recipe.model_spec(self.source.num_classes, self.source.channels)
+        return self._spec
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How images become the models' inputs: as the baseline's artifact says once it exists (runs made
+        before inputs followed the model used the dataset's statistics), else the baseline's own recipe or the
+        training split's statistics (``baseline.preprocess``)."""
+        if self._preprocess is None:
+            art = self._artifact_dir(())
+            meta = read_meta(art) if (art / META_FILE).is_file() else None
+            if meta is not None and meta.get("preprocess"):
+                self._preprocess = Preprocess.from_dict(meta["preprocess"])
+            elif meta is not None:
+                self._preprocess = self._dataset_preprocess()
+            else:
+                self._preprocess = self._resolve_preprocess()
+        return self._preprocess
+
+    def _dataset_preprocess(self) -> Preprocess:
+        geometry = dataset_preprocess((0.5,) * self.spec.in_chans, (0.5,) * self.spec.in_chans, self.spec.img_size,
+                                      self.spec.in_chans)
+        mean, std = self.source.statistics(geometry)
+        return dataset_preprocess(mean, std, self.spec.img_size, self.spec.in_chans)
+
+    def _resolve_preprocess(self) -> Preprocess:
+        b, spec = self.recipe.baseline, self.spec
+        mode = b.preprocess
+        own = None
+        if mode != "dataset":
+            own = model_preprocess(spec.name, pretrained=b.pretrained, checkpoint=b.checkpoint, img_size=spec.img_size,
+                                   in_chans=spec.in_chans)
+            if own is None and mode == "model":
+                raise VitcompressError(f"baseline.preprocess is 'model', but {spec.name} brings no input recipe (no "
+                                       "pretrained config or preprocessor_config.json); use 'dataset' or 'auto'")
+        return own if own is not None else self._dataset_preprocess()
+
+    @property
+    def train_ds(self) -> ImageTensorDataset | FileImages:
         if self._train is None:
-            self._train = load_split(self.recipe.data.name, "train", self.data_root, self.download)
+            self._train = self.source.split("train", self.preprocess, progress=self.progress)
         return self._train
 
     @property
-    def test_ds(self) -> ImageTensorDataset:
+    def test_ds(self) -> ImageTensorDataset | FileImages:
         if self._test is None:
-            ds = load_split(self.recipe.data.name, "test", self.data_root, self.download)
+            ds = self.source.split("test", self.preprocess, progress=self.progress)
             n = self.recipe.measure.test_subset
             self._test = ds.subset(torch.arange(min(n, len(ds)))) if n else ds
         return self._test
@@ -210,18 +268,7 @@ class Study:
             return load_artifact(art), art
         t0 = time.perf_counter()
         if not steps:
-            torch.manual_seed(self.recipe.seed)
-            model = create_model(self.spec)
-            ctx_train = self.recipe.baseline.train
-            if ctx_train.epochs > 0:
-                self.log(f"training baseline {self.spec.name} for {ctx_train.epochs} epochs")
-                from ..train import fit
-
-                model = fit(model, self.train_ds, ctx_train, work_dir=art / "work" / "train",
-                            img_size=self.spec.img_size, in_chans=self.spec.in_chans, seed=self.recipe.seed,
-                            desc="baseline", progress=self.progress).model
-            parent_meta: dict[str, Any] = {"model": self.spec.to_dict() | {"checkpoint": None, "pretrained": False},
-                                           "steps": [], "seconds": 0.0, "macs": None}
+            model, parent_meta = self._build_baseline(art)
             step_meta: list[dict[str, Any]] = []
         else:
             parent, parent_art = self._materialize(steps[:-1])
@@ -242,6 +289,8 @@ class Study:
         macs = None if quantized or uses_integer_kernels(model) else count_macs(model, example)
         meta = {
             "model": parent_meta["model"],
+            # What every model of the chain takes in and predicts: carried to each artifact and export.
+            **{k: parent_meta[k] for k in ("preprocess", "classes") if k in parent_meta},
             "steps": list(parent_meta["steps"]) + step_meta,
             "seconds": float(parent_meta.get("seconds") or 0.0) + (time.perf_counter() - t0),
             "step_seconds": time.perf_counter() - t0,
@@ -252,6 +301,34 @@ class Study:
             save_artifact(model, art, meta, small_tensors=small_tensor_storage(steps))
         dist.barrier()
         return load_artifact(art), art
+
+    def _build_baseline(self, art: Path) -> tuple[nn.Module, dict[str, Any]]:
+        """The recipe's baseline: the user's model loaded (and its head fitted to the data's classes), then
+        trained where the recipe says so; and the meta that describes it."""
+        b, spec = self.recipe.baseline, self.spec
+        torch.manual_seed(self.recipe.seed)
+        preprocess = self.preprocess  # before the model: a bad input recipe fails first, and fast
+        loaded = load_model(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, in_chans=spec.in_chans,
+                            pretrained=spec.pretrained, checkpoint=spec.checkpoint, kwargs=spec.kwargs,
+                            dataset_classes=self.source.classes)
+        for note in loaded.notes:
+            self.log(f"baseline: {note}")
+        train = b.train
+        if loaded.head_reset and train.epochs == 0:
+            raise VitcompressError(f"baseline.train.epochs is 0 (evaluate {spec.name} as it is), but its head was "
+                                   "re-initialised for this data's classes; train it (epochs > 0) or pass a model "
+                                   f"fine-tuned on these {spec.num_classes} classes")
+        model = loaded.model
+        if train.epochs > 0:
+            self.log(f"training baseline {spec.name} for {train.epochs} epochs")
+            from ..train import fit
+
+            model = fit(model, self.train_ds, train, work_dir=art / "work" / "train", img_size=spec.img_size,
+                        in_chans=spec.in_chans, seed=self.recipe.seed, desc="baseline", progress=self.progress).model
+        meta = {"model": loaded.spec.to_dict() | {"checkpoint": None, "pretrained": False},
+                "preprocess": preprocess.to_dict(), "classes": list(self.source.classes),
+                "steps": [], "seconds": 0.0, "macs": None}
+        return model, meta
 
     # ---- rows -------------------------------------------------------------------------------
     def _measure(self, exp: Experiment, model: nn.Module, art: Path, seconds: float) -> dict[str, Any]:
@@ -326,10 +403,19 @@ class Study:
                     f"{self.run_dir} holds a study with another dataset, baseline or seed "
                     f"(recipe '{info.get('recipe')}'); pass --out NEW_DIR or delete the folder"
                 )
-        tmp = info_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"recipe": self.recipe.name, "source": self.recipe.source, "baseline_key": key,
-                                   "command": " ".join(["vitcompress", *sys.argv[1:]])}, indent=2))
-        os.replace(tmp, info_path)
+        self._write_run_info({"recipe": self.recipe.name, "source": self.recipe.source, "baseline_key": key,
+                              "command": " ".join(["vitcompress", *sys.argv[1:]])})
+
+    def _write_run_info(self, info: dict[str, Any]) -> None:
+        path = self.run_dir / RUN_INFO
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, path)
+
+    def _data_meta(self) -> dict[str, Any]:
+        """Where the images came from and how they became inputs, for run.json and the report."""
+        return {"data": self.source.describe(), "classes": len(self.source.classes),
+                "inputs": self.preprocess.describe()}
 
     def run_experiment(self, exp: Experiment) -> dict[str, Any]:
         """Build (or load) ``exp``'s model and measure it; a failure becomes a 'failed' row.
@@ -388,6 +474,9 @@ class Study:
             if dist.is_main():
                 self._check_run_dir()
             _ = self.train_ds, self.test_ds  # a missing dataset fails here, before any work
+            if dist.is_main():
+                self._write_run_info(read_run_info(self.run_dir) | self._data_meta())
+                self.log(f"inputs: {self.preprocess.describe()}")
             todo = self.pending()
             # The baseline runs here in every executor: each chain starts from its saved model.
             if todo and not todo[0].steps:
@@ -414,7 +503,7 @@ class Study:
                 retime_rows(rows, self.run_dir, self._example(), self.recipe.measure, log=self.log)
                 write_rows(self.results_path, every)
             meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
-                    "dataset": self.recipe.data.name}
+                    "dataset": self.recipe.data.name, **self._data_meta()}
             report = render_run(self.run_dir, rows, meta)
         return StudyResult(self.run_dir, rows, report)
 

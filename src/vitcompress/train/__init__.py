@@ -203,7 +203,8 @@ def fit(
     progress: bool = True,
     extra_modules: tuple[nn.Module, ...] = (),
 ) -> TrainResult:
-    """Train ``model`` on ``train_ds`` (an ``ImageTensorDataset``); resume from ``work_dir`` if a checkpoint is there.
+    """Train ``model`` on ``train_ds`` (a split in memory or streamed, see ``vitcompress.data``); resume from
+    ``work_dir`` if a checkpoint is there.
 
     ``extra_modules`` (a teacher, say) are moved to the training device but not trained.
     Returns the trained model on CPU, in eval mode.
