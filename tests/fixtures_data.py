@@ -170,3 +170,50 @@ def py2_style_batch(data: np.ndarray, labels: list[int], label_key: bytes = b"la
     out += b"\x89T" + struct.pack("<I", len(raw)) + raw + b"tb"  # not Fortran order, raw bytes, BUILD
     out += _py2_str(label_key) + b"](" + b"".join(b"K" + bytes([y]) for y in labels) + b"e"
     return out + b"u."
+
+
+FOLDER_CLASSES = ["bird", "Cat", "dog"]  # sorted: "Cat" < "bird" < "dog" (upper case first)
+
+
+def folder_image(i: int, size: tuple[int, int]) -> "Image.Image":
+    """An RGB image whose colour and a bright square depend on ``i``: learnable, and distinct per image."""
+    from PIL import Image
+
+    w, h = size
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    base = np.stack([(xx * 3 + i * 17) % 256, (yy * 5 + i * 29) % 256, ((xx + yy) * 2 + i * 7) % 256], -1)
+    return Image.fromarray(base.astype(np.uint8), mode="RGB")
+
+
+def write_image_folder(root: Path, per_class: dict[str, int] | None = None, val_per_class: int = 2,
+                       classes: list[str] | None = None) -> Path:
+    """``root/train/<class>/`` and ``root/val/<class>/`` with images of mixed sizes, modes and formats
+    (greyscale PNG, RGBA PNG, palette GIF, JPEG with .JPG and .jpeg, RGB .png), plus stray files."""
+    classes = classes or FOLDER_CLASSES
+    per_class = per_class or {c: 5 for c in classes}
+    k = 0
+    for split, counts in (("train", per_class), ("val", {c: val_per_class for c in classes})):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for j in range(counts.get(c, 0)):
+                img = folder_image(k, (20 + (k * 7) % 30, 18 + (k * 11) % 40))
+                kind = k % 6
+                name = d / f"img{j}"
+                if kind == 0:
+                    img.convert("L").save(name.with_suffix(".png"))
+                elif kind == 1:
+                    img.convert("RGBA").save(name.with_suffix(".PNG"))
+                elif kind == 2:
+                    img.convert("P").save(name.with_suffix(".gif"))
+                elif kind == 3:
+                    img.save(name.with_suffix(".JPG"), quality=95)
+                elif kind == 4:
+                    img.save(name.with_suffix(".jpeg"), quality=95)
+                else:
+                    img.save(name.with_suffix(".png"))
+                k += 1
+    (root / "train" / classes[0] / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "train" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "val" / classes[-1] / "notes.txt").write_text("not an image")
+    return root

@@ -275,17 +275,17 @@ def check_headers(reader: FolderReader, *, threads: int = 8, progress: bool = Fa
 
     def one(i: int) -> tuple[int, str] | None:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(reader.name(i)) as img:
-                    img.size  # noqa: B018 - reading the header is the check
+            with Image.open(reader.name(i)) as img:
+                img.size  # noqa: B018 - reading the header is the check
         except Exception as exc:
             return i, f"{reader.name(i)}: {type(exc).__name__}: {exc}"
         return None
 
     n = len(reader.paths)
     out = []
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    # One catch_warnings around the threads: entered in each thread, it would restore another's filters.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
+        warnings.simplefilter("ignore")  # Pillow's warnings on odd headers; the errors are what count
         for res in tqdm(pool.map(one, range(n), chunksize=256), total=n, desc=desc, leave=False,
                         disable=not progress, mininterval=1.0):
             if res is not None:

@@ -216,24 +216,58 @@ def checkpoint_head_classes(path: str | Path) -> int | None:
 
 
 def _timm_from_file(name: str, checkpoint: str, kwargs: dict[str, Any]) -> tuple[nn.Module, int | None]:
-    """A timm model with weights from a local file, through timm's own loading path (its checkpoint filter
-    resamples the position embedding for another img_size; a head of another class count is dropped and
-    re-initialised). Returns the model and the file's head rows."""
+    """A timm model with weights from a local file, through timm's own loading parts: ``load_checkpoint``
+    reads the file (safetensors, or ``torch.load(weights_only=True)``; ``state_dict`` / ``model`` / EMA keys),
+    the model family's ``checkpoint_filter_fn`` converts it (resampling the position embedding for another
+    img_size), a head of another class count is dropped (re-initialised) and a patch projection for other
+    channels adapted (``adapt_input_conv``). Unlike timm's ``pretrained=True`` path, every other tensor must
+    match: a file of another depth or width is refused instead of leaving blocks at random. Returns the model
+    and the file's head rows."""
+    import sys
+
+    from timm.models import adapt_input_conv, load_checkpoint
+
     path = Path(checkpoint).expanduser()
     _read_state_dict(path)  # the one-line errors for a missing, unsafe or corrupt file
     rows = checkpoint_head_classes(path)
-    overlay: dict[str, Any] = {"file": str(path)}
-    if rows is not None:
-        overlay["num_classes"] = rows  # timm keeps a head whose rows match the model's num_classes
+    model = _timm_create(name, False, dict(kwargs))
+    family_filter = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    own = model.state_dict()
+    heads = _classifier_keys(model)
+    dropped: list[str] = []
+
+    def fit(state: dict[str, torch.Tensor], mdl: nn.Module) -> dict[str, torch.Tensor]:
+        if family_filter is not None:
+            state = family_filter(state, mdl)
+        for key in list(state):
+            if key in heads and key in own and state[key].shape != own[key].shape:
+                del state[key]
+                dropped.append(key)
+        conv = next((k for k in ("patch_embed.proj.weight", "conv1.weight", "stem.conv.weight") if k in state), None)
+        if conv and conv in own and state[conv].dim() == 4 and state[conv].shape[1] != own[conv].shape[1]:
+            state[conv] = adapt_input_conv(own[conv].shape[1], state[conv])
+        return state
+
     try:
-        model = _create_sized(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except TypeError as exc:
-        raise VitcompressError(f"model '{name}' rejects its arguments: {exc}; check the recipe's model kwargs") from None
+        result = load_checkpoint(model, str(path), strict=False, filter_fn=fit)
     except (RuntimeError, KeyError, ValueError) as exc:
         first = (str(exc).splitlines() or [""])[0][:200]
         raise VitcompressError(f"checkpoint {path} does not fit model '{name}' ({first}); check the model name, "
                                "img_size and in_chans") from None
+    missing = [k for k in result.missing_keys if k not in dropped]
+    bad = missing + list(result.unexpected_keys)
+    if bad:
+        raise VitcompressError(f"checkpoint {path} does not fit model '{name}' ({len(missing)} of its tensors missing, "
+                               f"{len(result.unexpected_keys)} unknown, e.g. {bad[0]}); check the model name and "
+                               "model_kwargs (depth, width) against the file")
     return model, rows
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """The classifier's tensor names, from timm's pretrained config (``classifier``: "head" or several)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {f"{n}.{p}" for n in names for p in ("weight", "bias")}
 
 
 @dataclass

@@ -228,6 +228,15 @@ def check_models(recipe: Recipe) -> None:
         if path is not None and not Path(path).expanduser().is_file():
             what = "is a folder" if Path(path).expanduser().is_dir() else "does not exist"
             raise VitcompressError(f"{where}: {path} {what}; pass the path of a .safetensors or .pth file")
+    if b.train.epochs == 0:
+        for i, exp in enumerate(recipe.experiments):
+            for j, step in enumerate(exp.steps):
+                cfg = step.config
+                if hasattr(cfg, "epochs") and getattr(cfg, "student", "input") != "input" and cfg.epochs is None:
+                    raise VitcompressError(
+                        f"{recipe.source}: experiments[{i}] ({exp.name}) step {j + 1}: {step.method} trains its "
+                        "student as many epochs as the baseline trained, and baseline.train.epochs is 0 (the model is "
+                        f"evaluated as it is); set {step.method}.epochs")
     info = DATASETS.get(recipe.data.name)
     spec = recipe.model_spec(info.num_classes if info else 10, info.in_chans if info else 3)
     base = structure_of(spec.name, num_classes=spec.num_classes, img_size=spec.img_size, in_chans=spec.in_chans,
