@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_TRAIN_BATCHES = 5
@@ -175,10 +176,8 @@ def py2_style_batch(data: np.ndarray, labels: list[int], label_key: bytes = b"la
 FOLDER_CLASSES = ["bird", "Cat", "dog"]  # sorted: "Cat" < "bird" < "dog" (upper case first)
 
 
-def folder_image(i: int, size: tuple[int, int]) -> "Image.Image":
-    """An RGB image whose colour and a bright square depend on ``i``: learnable, and distinct per image."""
-    from PIL import Image
-
+def folder_image(i: int, size: tuple[int, int]) -> Image.Image:
+    """An RGB image whose colours depend on ``i`` and on the position: distinct per image."""
     w, h = size
     yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     base = np.stack([(xx * 3 + i * 17) % 256, (yy * 5 + i * 29) % 256, ((xx + yy) * 2 + i * 7) % 256], -1)
