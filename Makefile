@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,diffq]'
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,diffq,hf]'
 	touch $(STAMP)
 
 venv: $(STAMP)

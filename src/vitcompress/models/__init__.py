@@ -162,7 +162,11 @@ def create_model(spec: ModelSpec) -> nn.Module:
 
 
 def _timm_create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    from .hf import hub_reachable
+
     try:
+        if pretrained and not hub_reachable():
+            raise ConnectionError("the hub is not reachable")
         return _create_sized(name, pretrained=pretrained, **kwargs)
     except TypeError as exc:
         raise VitcompressError(f"model '{name}' rejects its arguments: {exc}; check the recipe's model kwargs") from None
@@ -357,6 +361,11 @@ def _default_img_size(name: str, kind: str) -> int:
                 return int(cfg.input_size[-1])
         except (RuntimeError, KeyError, ValueError):
             pass
+    if kind == "timm-hub":  # timm's hub config.json holds its pretrained_cfg (online; 224 when unreachable)
+        from .hf import hub_config
+
+        size = ((hub_config(name.removeprefix("hf-hub:")).get("pretrained_cfg") or {}).get("input_size") or [224])
+        return int(size[-1])
     return 224
 
 
@@ -445,10 +454,10 @@ def input_shape(name: str, img_size: int | None, in_chans: int | None, data_chan
     """The (img_size, in_chans) a model takes, where the recipe leaves them open: a preset's own size and
     the data's channels; a transformers model's config; a timm model's pretrained config (224) and 3 channels."""
     kind = model_kind(name)
-    if kind == "hf" and is_hf_folder(name):
-        from .hf import read_hf_config
+    if kind == "hf":
+        from .hf import hub_config, read_hf_config
 
-        cfg = read_hf_config(Path(name).expanduser())
+        cfg = read_hf_config(Path(name).expanduser()) if is_hf_folder(name) else hub_config(name)
         return int(img_size or cfg.get("image_size", 224)), int(in_chans or cfg.get("num_channels", 3))
     if kind == "vitcompress":
         size = PRESETS[name][0]["img_size"] if name in PRESETS else 224

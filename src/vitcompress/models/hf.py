@@ -64,12 +64,31 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (``HF_HUB_OFFLINE`` set: no). Asked before a download, because
+    huggingface_hub retries an unreachable host for half a minute before it gives up."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def resolve_hf(name: str) -> Path:
     """The local folder of a transformers model: ``name`` itself, or a hub snapshot downloaded (online)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     try:
+        if not hub_reachable():
+            raise ConnectionError("the hub is not reachable")
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
@@ -78,6 +97,18 @@ def resolve_hf(name: str) -> Path:
             f"cannot download {name!r} from the Hugging Face hub ({type(exc).__name__}); when offline, download "
             "the model folder elsewhere (config.json, model.safetensors, preprocessor_config.json) and pass its path"
         ) from None
+
+
+def hub_config(name: str) -> dict[str, Any]:
+    """A hub model's ``config.json`` alone (online); {} when it cannot be fetched (loading the model says why)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        if not hub_reachable():
+            return {}
+        return read_hf_config(Path(hf_hub_download(name, "config.json")).parent)
+    except Exception:
+        return {}
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
