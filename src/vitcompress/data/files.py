@@ -284,12 +284,14 @@ def check_headers(reader: FolderReader, *, threads: int = 8, progress: bool = Fa
     n = len(reader.paths)
     out = []
     # One catch_warnings around the threads: entered in each thread, it would restore another's filters.
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
+    # Chunks: Executor.map submits every item at once, a future per file (200 MB for 200k files).
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool, \
+            tqdm(total=n, desc=desc, leave=False, disable=not progress, mininterval=1.0) as bar:
         warnings.simplefilter("ignore")  # Pillow's warnings on odd headers; the errors are what count
-        for res in tqdm(pool.map(one, range(n), chunksize=256), total=n, desc=desc, leave=False,
-                        disable=not progress, mininterval=1.0):
-            if res is not None:
-                out.append(res)
+        for start in range(0, n, 4096):
+            chunk = range(start, min(start + 4096, n))
+            out += [res for res in pool.map(one, chunk) if res is not None]
+            bar.update(len(chunk))
     return out
 
 

@@ -69,12 +69,14 @@ class StudyResult:
 
 
 def _final_model_name(meta: dict[str, Any], default: str) -> str:
-    """The architecture a chain ends with: the last step that built a new model (a student) names it."""
+    """The architecture a chain ends with: the last step that built a new model (a student) names it, by the
+    name the recipe gave it where there is one (a transformers folder converts to a generic ``vitc_vit``)."""
     name = default
     for step in meta.get("steps", []):
-        student = (step.get("meta") or {}).get("student")
+        step_meta = step.get("meta") or {}
+        student = step_meta.get("student")
         if isinstance(student, dict) and student.get("name"):
-            name = student["name"]
+            name = step_meta.get("student_from") or student["name"]
     return name
 
 

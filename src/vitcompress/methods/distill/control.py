@@ -80,4 +80,4 @@ def train_student(model: nn.Module, cfg: TrainStudentConfig, ctx: Any) -> StepOu
                                   stem=cfg.stem, depth=cfg.depth, checkpoint=cfg.checkpoint)
     selected = select_weights(student, model) if cfg.init_from_teacher else None
     result = ctx.fit(student, desc=f"{ctx.name} (labels only)", **train_kwargs(cfg))
-    return student_output(result, spec, selected)
+    return student_output(result, spec, selected, cfg.student)

@@ -204,11 +204,15 @@ def train_kwargs(cfg: Any) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ("epochs", "lr", "train_subset", "augment") if getattr(cfg, k) is not None}
 
 
-def student_output(result: Any, spec: dict[str, Any] | None, selected: dict[str, Any] | None) -> StepOutput:
+def student_output(result: Any, spec: dict[str, Any] | None, selected: dict[str, Any] | None,
+                   source: str | None = None) -> StepOutput:
     """A trained student (``result``: the loop's ``TrainResult``) in inference mode, with what restores it:
-    its spec, parameter count, training history and, where it started from a selection, which teacher weights."""
+    its spec, parameter count, training history and, where it started from a selection, which teacher weights;
+    ``source``: the model the recipe named (a transformers folder, a timm name), where it is not "same"/"tiny"."""
     student = finish(result.model)
     meta = {"student": spec, "params": sum(p.numel() for p in student.parameters()), "history": result.history}
+    if source is not None and source not in STUDENT_CHOICES:
+        meta["student_from"] = source
     if selected is not None:
         meta["selected"] = selected
     return StepOutput(student, meta)
@@ -254,7 +258,7 @@ def distill(model: nn.Module, cfg: DistillConfig, ctx: Any) -> StepOutput:
                                 label_smoothing=ctx.baseline_train.label_smoothing)
     result = ctx.fit(student, loss_fn=loss_fn, desc=f"{ctx.name} ({cfg.loss})", extra_modules=(teacher,),
                      **train_kwargs(cfg))
-    return student_output(result, spec, selected)
+    return student_output(result, spec, selected, cfg.student)
 
 
 __all__ = ["DistillConfig", "build_student", "check_student_weights", "check_width", "distill", "finish",
