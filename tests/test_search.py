@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_recipe_dict
 
 import vitcompress.data.source as data_source
@@ -94,6 +95,22 @@ def test_validation_split_is_carved_from_train(tmp_path) -> None:
     _ = s.train_ds
     val, fit = set(s.val_indices.tolist()), set(s.fit_indices.tolist())
     assert len(val) == 200 and not (val & fit) and len(val | fit) == 60000
+
+
+def test_validation_split_is_carved_from_an_image_folders_train(tmp_path) -> None:
+    """A user's folder: the search's validation images come from train/, never from val/, and a preset
+    trained from scratch there is fed the folder's own statistics."""
+    from fixtures_data import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", per_class={"bird": 8, "Cat": 8, "dog": 8}, val_per_class=3)
+    d = _search_recipe()
+    d["data"] = {"name": "imagefolder", "root": str(root), "calib_images": 8}
+    s = search_runner.SearchStudy(parse_recipe(d), tmp_path / "run", 6, progress=False, log=lambda m: None)
+    train, val = s.train_ds, s.test_ds
+    assert (len(train), len(val)) == (18, 6)
+    full = s.source.split("train", s.preprocess).images
+    assert torch.equal(val.images, full[s.val_indices]) and torch.equal(train.images, full[s.fit_indices])
+    assert s.preprocess.source == "dataset" and s.preprocess.input_size == 28 and s.preprocess.in_chans == 3
 
 
 def test_relative_budgets_use_the_baseline_measured_in_the_same_run() -> None:

@@ -281,3 +281,22 @@ def test_an_untrained_head_is_not_evaluated_as_the_baseline(tmp_path: Path) -> N
     d["experiments"] = []
     with pytest.raises(VitcompressError, match="epochs is 0 .* head was re-initialised"):
         run_study(parse_recipe(d), tmp_path / "run", progress=False, log=lambda m: None)
+
+
+def test_bench_and_list_take_users_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vitcompress.cli import main
+
+    folder = _save(_hf_model("deit_teacher"), tmp_path / "m")
+    out = tmp_path / "b.json"
+    assert main(["bench", str(folder), "--runtimes", "torch-eager", "--batch-sizes", "2", "--repeats", "1",
+                 "--warmup", "0", "--min-repeat-seconds", "0", "--latency-samples", "2", "--no-progress",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["runtimes"][0]["parity"]["top1_agreement"] == 1.0
+    capsys.readouterr()
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    from vitcompress.methods import list_methods
+
+    assert listing.count("runs on:") == len(list_methods())
+    assert "transformers ViT/DeiT classifier folder" in listing

@@ -16,6 +16,7 @@ processes, in memory that does not grow with the dataset. The log says which.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -413,8 +414,11 @@ def _labels(table: Any, column: str, root: str) -> np.ndarray:
 
 def open_source(cfg: DataConfig, *, root: str | None = None, download: bool | None = None,
                 log: Callable[[str], None] | None = None) -> DataSource:
-    """The dataset ``cfg`` names; ``root`` and ``download`` override the config's (the CLI's flags)."""
-    log = log or (lambda msg: None)
+    """The dataset ``cfg`` names; ``root`` and ``download`` override the config's (the CLI's flags).
+
+    ``log`` gets what a user should read (files skipped, in memory or streamed); without one it goes to
+    the ``vitcompress.data`` logger."""
+    log = log or logging.getLogger("vitcompress.data").warning
     root = root if root is not None else cfg.root
     download = cfg.download if download is None else download
     if cfg.name == "imagefolder":
