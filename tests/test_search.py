@@ -79,9 +79,10 @@ def test_search_respects_the_size_budget_and_never_sees_the_test_split(tmp_path,
     assert best is not None and best["size_bytes"] == sizes[0]
     assert best["size_bytes"] / 1e6 <= recipe.search.budgets.max_size_mb
     assert (tmp_path / "s" / best["artifact"]).stat().st_size == best["size_bytes"]
-    # Searching read only the training split (the resumed run needed no data); the test split was read
-    # once per run, after the trials, for the final check.
-    assert calls == ["train", "test", "test"]
+    # Searching read only the training split (each run first fingerprints it, to check that the folder holds
+    # rows of this data; the resumed run needed nothing else); the test split was read once per run, after
+    # the trials, for the final check.
+    assert calls == ["train", "train", "test", "train", "test"]
     assert all(r["n_test"] == 200 for r in again.rows)
     assert measured == [10000, 10000, 10000]  # test-split evaluations: baseline, then baseline + best
     cached = json.loads((tmp_path / "s" / "best.json").read_text())

@@ -96,16 +96,22 @@ def test_run_dir_of_another_baseline_is_refused(tmp_path) -> None:
         run_study(parse_recipe(d), tmp_path / "run", progress=False, log=lambda m: None)
 
 
+def _ok_row(name: str) -> dict:
+    return {"name": name, "status": "ok", "steps": [], "artifact": f"artifacts/{name}/model.safetensors",
+            "top1": 50.0, "size_bytes": 10, "cpu_img_s": 1.0}
+
+
 def test_truncated_last_row_is_repaired_before_the_next_append(tmp_path) -> None:
     path = tmp_path / "results.jsonl"
-    append_row(path, {"name": "a", "status": "ok"})
+    append_row(path, _ok_row("a"))
     with open(path, "ab") as f:
         f.write(b'{"name": "b", "sta')  # killed mid-write
     with pytest.warns(RuntimeWarning):
         assert [r["name"] for r in load_rows(path)] == ["a"]
     assert repair_tail(path)
-    append_row(path, {"name": "c", "status": "ok"})
+    append_row(path, _ok_row("c"))
     assert [json.loads(x)["name"] for x in path.read_text().splitlines()] == ["a", "c"]
+    assert (tmp_path / "results.jsonl.bad").read_text() == '{"name": "b", "sta\n'  # kept, not deleted
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

@@ -29,6 +29,7 @@ Files written the plain way by earlier versions still load.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,8 @@ from .errors import VitcompressError
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
+# sha256 of the two files above, written last: a file edited, damaged or half-copied since is caught on load.
+CHECKSUMS_FILE = "checksums.json"
 _SEP = "::"
 _FORMAT = "2"  # tensors packed per dtype, compressed index (format "1": one safetensors entry per tensor)
 
@@ -225,11 +228,68 @@ def save_artifact(model: nn.Module, out_dir: str | os.PathLike, meta: dict[str, 
     layout: dict[str, Any] = {}
     for key, value in model.state_dict().items():
         _flatten(key, value, tensors, layout, small_tensors)
+    (out / CHECKSUMS_FILE).unlink(missing_ok=True)  # a crash between the files below leaves no stale hashes
     _write_weights(tensors, layout, out / WEIGHTS_FILE)
     tmp_meta = out / (META_FILE + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp_meta, out / META_FILE)
+    write_checksums(out)
     return out / WEIGHTS_FILE
+
+
+class ArtifactChanged(VitcompressError):
+    """An artifact's file no longer has the content it was written with (edited, damaged, half-copied)."""
+
+    def __init__(self, art_dir: str | os.PathLike, file: str) -> None:
+        self.art_dir, self.file = Path(art_dir), file
+        super().__init__(f"{Path(art_dir) / file} changed since it was written (its sha256 is not the one in "
+                         f"{CHECKSUMS_FILE}); a study rebuilds it from its chain when run again, or delete "
+                         f"{Path(art_dir)} (or restore the file)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(art_dir: str | os.PathLike) -> None:
+    """Record the sha256 of the artifact's weights and meta files (written last, atomically)."""
+    out = Path(art_dir)
+    sums = {name: _sha256(out / name) for name in (WEIGHTS_FILE, META_FILE)}
+    tmp = out / (CHECKSUMS_FILE + ".tmp")
+    tmp.write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / CHECKSUMS_FILE)
+
+
+def verify_artifact(art_dir: str | os.PathLike) -> bool:
+    """Check the artifact's files against the hashes recorded when it was written; raise `ArtifactChanged`
+    (naming the file) on a mismatch, `VitcompressError` when a file is missing.
+
+    An artifact written before hashes were recorded has none: its hashes are recorded now (it is trusted
+    as it is, once) and False is returned; True when the hashes were checked.
+    """
+    art = Path(art_dir)
+    for name in (WEIGHTS_FILE, META_FILE):
+        if not (art / name).is_file():
+            raise VitcompressError(f"{art / name} is missing; a study rebuilds the artifact when run again, or "
+                                   f"delete {art}")
+    path = art / CHECKSUMS_FILE
+    if not path.is_file():
+        write_checksums(art)
+        return False
+    try:
+        sums = json.loads(path.read_text())
+        if not isinstance(sums, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError):
+        raise ArtifactChanged(art, CHECKSUMS_FILE) from None
+    for name in (WEIGHTS_FILE, META_FILE):
+        if sums.get(name) != _sha256(art / name):
+            raise ArtifactChanged(art, name)
+    return True
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], layout: dict[str, Any], path: Path) -> None:
@@ -260,6 +320,7 @@ def upgrade_artifact(art_dir: str | os.PathLike) -> bool:
                 del tensors[key + _SEP + "zero_point"]
                 entry["symmetric"] = True
         _write_weights(tensors, layout, path)
+        write_checksums(path.parent)
         return True
     return _open(path, rewrite)
 
@@ -274,6 +335,25 @@ def _pack(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
     return {str(dtype).removeprefix("torch."): torch.cat(ts) for dtype, ts in parts.items()}, index
 
 
+# The index of a packed file, decompressed, at most (ViT-B's is ~15 kB; this allows some 40,000 tensors). A
+# hostile file's index is a zip bomb otherwise: 65 kB of zlib can hold 67 MB of JSON, 1.3 GB of Python lists.
+MAX_INDEX_BYTES = 4 << 20
+
+
+def _read_index(text: str) -> dict[str, Any]:
+    """The packed file's index: base64, zlib, JSON; decompressed to at most ``MAX_INDEX_BYTES``."""
+    raw = base64.b64decode(text, validate=True)
+    inflate = zlib.decompressobj()
+    data = inflate.decompress(raw, MAX_INDEX_BYTES)
+    if inflate.unconsumed_tail or not inflate.eof:
+        raise ValueError("index larger than any vitcompress writes, or cut short")
+    packed = json.loads(data)
+    if not isinstance(packed, dict) or not isinstance(packed.get("index"), list) or not isinstance(
+            packed.get("layout"), dict):
+        raise ValueError("not a vitcompress index")
+    return packed
+
+
 class _Stored:
     """The stored tensors of a packed file, by name (what ``_unflatten`` reads from)."""
 
@@ -281,7 +361,12 @@ class _Stored:
         blobs = {name: f.get_tensor(name) for name in f.keys()}
         at = dict.fromkeys(blobs, 0)
         self.tensors: dict[str, torch.Tensor] = {}
-        for key, dtype, shape in index:
+        for entry in index:
+            if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and entry[1] in blobs and isinstance(entry[2], list)
+                    and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in entry[2])):
+                raise ValueError("malformed index entry")
+            key, dtype, shape = entry
             n = math.prod(shape)
             blob = blobs[dtype]
             if at[dtype] + n > blob.numel():
@@ -314,12 +399,15 @@ def _open(path: Path, use: Any) -> Any:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             if "vitcompress_index" in metadata:
-                packed = json.loads(zlib.decompress(base64.b64decode(metadata["vitcompress_index"])))
+                packed = _read_index(metadata["vitcompress_index"])
                 if packed.get("format") != _FORMAT:
                     raise VitcompressError(f"{path} is in weights format {packed.get('format')!r}, not {_FORMAT!r}: "
                                            "written by another vitcompress version; load it with that version")
                 return use(packed["layout"], _Stored(f, packed["index"]))
-            return use(json.loads(metadata["vitcompress_layout"]), f)
+            layout = metadata["vitcompress_layout"]
+            if len(layout) > MAX_INDEX_BYTES:
+                raise ValueError("layout larger than any vitcompress writes")
+            return use(json.loads(layout), f)
     except VitcompressError:
         raise
     except FileNotFoundError:
@@ -347,11 +435,17 @@ def stored_tensors(art_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _open(Path(art_dir) / WEIGHTS_FILE, lambda layout, f: {k: f.get_tensor(k) for k in f.keys()})
 
 
-def load_artifact(art_dir: str | os.PathLike) -> nn.Module:
-    """Rebuild the model saved in ``art_dir``: structure from meta.json, tensors from safetensors."""
+def load_artifact(art_dir: str | os.PathLike, *, verify: bool = True) -> nn.Module:
+    """Rebuild the model saved in ``art_dir``: structure from meta.json, tensors from safetensors.
+
+    ``verify``: first check both files against the hashes recorded when they were written
+    (`verify_artifact`), so a damaged or edited artifact is never measured as if it were the method's.
+    """
     from .methods import get_method, parse_config
     from .models import ModelSpec, create_model
 
+    if verify:
+        verify_artifact(art_dir)
     meta = read_meta(art_dir)
     spec_data = dict(meta["model"])
     spec_data["pretrained"] = False

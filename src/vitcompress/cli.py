@@ -29,7 +29,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     result = run_study(recipe, args.out, data_root=args.data_root, download=args.download or None,
                        progress=not args.no_progress, debug=args.debug, executor=args.executor,
-                       address=args.address)
+                       address=args.address, keep_train_state=args.keep_train_state)
     if not result.report:  # a non-main process of `accelerate launch`: the main one prints
         return 0
     console.print(render_terminal_table(result.rows))
@@ -74,7 +74,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.jsonl").exists():
         raise VitcompressError(f"{run_dir} has no results.jsonl; pass a run folder made by `vitcompress study`")
-    info = read_run_info(run_dir)
+    try:
+        info = read_run_info(run_dir)
+    except VitcompressError as exc:  # the rows are what a report needs; say what is missing from its header
+        print(f"warning: {exc}", file=sys.stderr)
+        info = {}
     meta = {key: info[key] for key in ("recipe", "command", "data", "classes", "inputs") if info.get(key)}
     paths = render_run(run_dir, read_results(run_dir / "results.jsonl"), meta)
     print(f"report: {paths['report']}")
@@ -120,7 +124,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from .measure.bench import BenchConfig, load_target, render_bench_table, run_bench
+    from .measure.bench import BenchConfig, json_safe, load_target, render_bench_table, run_bench
 
     cfg = BenchConfig(runtimes=tuple(r.strip() for r in args.runtimes.split(",") if r.strip()),
                       batch_sizes=_int_list(args.batch_sizes, "--batch-sizes"), threads=args.threads,
@@ -130,10 +134,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                          num_classes=args.num_classes)
     result = run_bench(target, cfg, progress=not args.no_progress)
     Console(width=None if sys.stdout.isatty() else 160).print(render_bench_table(result))
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        out.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
         print(f"json: {out}")
     return 0
 
@@ -181,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-root", default=None, help="folder holding the dataset files")
     s.add_argument("--download", action="store_true", help="download the dataset when online")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--keep-train-state", action="store_true",
+                   help="keep each training's last checkpoint (train_state.pt) after its model is saved")
     s.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="run experiments one by one here (default) or as Ray tasks")
     s.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray instance)")
@@ -248,9 +256,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``, a container stopping), handled as Ctrl-C is."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     if not args.debug:
         # torch.ao's quantized tensors warn that they are deprecated on every use; the CLI's
         # output is a report, not a log, and the Python API still shows the warning.
@@ -268,15 +289,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished rows are saved; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}: finished rows are saved; run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:  # a path the file system refuses (too long, no permission, a disk full, ...)
         if args.debug:
             raise
+        from .errors import StorageError, storage_fault
+
+        fault = storage_fault(exc)
+        if fault is not None:
+            print(f"error: {StorageError(exc.filename or '.', fault)}", file=sys.stderr)
+            return 2
         where = f" {str(exc.filename)[:120]}" if exc.filename else ""
         print(f"error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
         return 2

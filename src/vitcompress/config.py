@@ -11,6 +11,7 @@ recipe path that is wrong (``experiments[2].steps[0].ptq.dynamic.bits``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -18,6 +19,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 from .errors import VitcompressError
 
 T = TypeVar("T")
+MAX_INT = 2**53  # integers a float holds exactly; a seed, a size or a count beyond it is a typo or an attack
 
 
 def _type_name(tp: Any) -> str:
@@ -70,18 +72,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise VitcompressError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:  # past what any setting needs, and past what torch and numpy take
+                raise VitcompressError(f"{where}: {value} is out of range (at most {MAX_INT} in size)")
             return value
         raise VitcompressError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         # YAML reads 1e-3 as a string (YAML 1.1); accept numeric strings for floats only.
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise VitcompressError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise VitcompressError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # .inf and .nan parse as YAML floats; no setting takes them
+            raise VitcompressError(f"{where}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -158,6 +158,16 @@ def _read_batch(path: Path, layout: _Layout, num_classes: int) -> tuple[np.ndarr
         raise VitcompressError(
             f"{path}: data is {data.dtype} {data.shape}, expected uint8 (N, 3072); download CIFAR again"
         )
+    # The structure first: np.asarray on a list nesting shared lists (a few kB of pickle) would build billions
+    # of entries before any shape check.
+    flat = (isinstance(labels, list) and len(labels) == data.shape[0]
+            and all(type(v) is int or isinstance(v, np.integer) for v in labels)) or (
+        isinstance(labels, np.ndarray) and labels.shape == (data.shape[0],))
+    if not flat:
+        kind = f"{type(labels).__name__} of {len(labels)}" if isinstance(labels, (list, np.ndarray)) else \
+            type(labels).__name__
+        raise VitcompressError(f"{path}: labels are a {kind}, expected a flat list of {data.shape[0]} integers "
+                               "(one per image); download CIFAR again")
     labels_arr = np.asarray(labels)
     if labels_arr.shape != (data.shape[0],) or (labels_arr.size and labels_arr.dtype.kind not in "iu"):
         raise VitcompressError(

@@ -16,8 +16,8 @@ processes, in memory that does not grow with the dataset. The log says which.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -72,15 +72,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(self.name in DATA_NAMES, f"unknown dataset '{self.name}'; known: {', '.join(DATA_NAMES)}")
-        check(self.calib_images >= 1, "calib_images must be >= 1")
+        check(1 <= self.calib_images <= 10_000_000, "calib_images must be in [1, 10000000]")
         check(self.name not in FILE_SOURCES or bool(self.root),
               f"data.root is required for {self.name}: "
               + ("the folder holding train/<class>/ and val/<class>/" if self.name == "imagefolder"
                  else "a folder saved with save_to_disk, a folder of images or a hub dataset name"))
         check(self.val_split is None or 0 < self.val_split < 1, f"val_split must be in (0, 1), got {self.val_split}")
         check(self.split_seed >= 0, "split_seed must be >= 0")
-        check(math.isfinite(self.memory_budget_mb) and self.memory_budget_mb >= 0,
-              f"memory_budget_mb must be a finite number >= 0, got {self.memory_budget_mb}")
+        check(0 <= self.memory_budget_mb <= 1e8, f"memory_budget_mb must be in [0, 1e8], got {self.memory_budget_mb}")
         check(self.workers is None or 0 <= self.workers <= 64, "workers must be in [0, 64] or null")
         hf_only = [k for k in ("image_column", "label_column", "test_split", "hf_config")
                    if getattr(self, k) is not None] + (["train_split"] if self.train_split != "train" else [])
@@ -127,6 +126,20 @@ class DataSource:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def fingerprint(self, splits: tuple[str, ...] = ("train", "test")) -> str:
+        """A short hash of the data a run reads: class names, and the ``splits``' sizes and content (bundled
+        arrays) or index (files: which file or row, with which label). Two runs that share a folder must
+        share this."""
+        raise NotImplementedError
+
+
+def _digest(parts: list[Any]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
 
 class BundledSource(DataSource):
     """Fashion-MNIST, CIFAR-10 or CIFAR-100: small arrays, always in memory, scaled whole to the model's size."""
@@ -152,6 +165,13 @@ class BundledSource(DataSource):
 
     def describe(self) -> str:
         return self.name
+
+    def fingerprint(self, splits: tuple[str, ...] = ("train", "test")) -> str:
+        parts: list[Any] = [self.name, list(self.classes)]
+        for split in splits:
+            ds = self._load(split)
+            parts += [split, len(ds), ds.images.numpy().tobytes(), ds.labels.numpy().tobytes()]
+        return _digest(parts)
 
 
 class FileSource(DataSource):
@@ -189,6 +209,15 @@ class FileSource(DataSource):
 
     def _val_hint(self) -> str:
         return "a val/ folder"
+
+    def fingerprint(self, splits: tuple[str, ...] = ("train", "test")) -> str:
+        parts: list[Any] = [self.name, list(self.classes)]
+        for split in splits:
+            reader = self.readers[split]
+            names = (reader.paths[self.index[split]].tobytes() if isinstance(reader, FolderReader)
+                     else repr((getattr(reader.table, "_fingerprint", None), self.index[split].tobytes())).encode())
+            parts += [split, len(self.index[split]), names, self.labels[split].tobytes()]
+        return _digest(parts)
 
     def _info(self, preprocess: Preprocess) -> DatasetInfo:
         return DatasetInfo(self.name, self.num_classes, preprocess.in_chans, preprocess.input_size, None, None,

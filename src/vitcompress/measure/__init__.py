@@ -20,7 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import check
+from ..config import LATE, check
+
+MAX_BATCH = 65_536
+MAX_THREADS = 1_024
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,23 @@ class MeasureConfig:
     # the baseline one of them), so every speed-up is a same-round ratio; see vitcompress.study.retime.
     interleave: bool = True
     interleave_group: int = 8
+    # A row whose accuracy rests on fewer test images says so (its standard error is in the report either way).
+    min_test_images: int = field(default=1000, metadata=LATE)
 
     def __post_init__(self) -> None:
-        check(self.batch_size >= 1, "measure.batch_size must be >= 1")
-        check(self.threads is None or self.threads >= 1, "measure.threads must be >= 1 or null")
-        check(self.repeats >= 1 and self.warmup >= 0, "measure.repeats must be >= 1 and warmup >= 0")
-        check(self.latency_samples >= 2, "measure.latency_samples must be >= 2")
-        check(self.interleave_group >= 2, "measure.interleave_group must be >= 2 (the baseline and a row)")
+        check(1 <= self.batch_size <= MAX_BATCH, f"measure.batch_size must be in [1, {MAX_BATCH}]")
+        check(1 <= self.eval_batch_size <= MAX_BATCH, f"measure.eval_batch_size must be in [1, {MAX_BATCH}]")
+        # More threads than any machine has only buys an OpenMP pool that runs out of memory.
+        check(self.threads is None or 1 <= self.threads <= MAX_THREADS,
+              f"measure.threads must be in [1, {MAX_THREADS}] or null (every core)")
+        check(1 <= self.repeats <= 10_000 and 0 <= self.warmup <= 10_000,
+              "measure.repeats must be in [1, 10000] and warmup in [0, 10000]")
+        check(0 <= self.min_repeat_seconds <= 600, "measure.min_repeat_seconds must be in [0, 600]")
+        check(2 <= self.latency_samples <= 100_000, "measure.latency_samples must be in [2, 100000]")
+        check(2 <= self.interleave_group <= 1_000,
+              "measure.interleave_group must be in [2, 1000] (the baseline and a row at least)")
         check(self.test_subset is None or self.test_subset >= 1, "measure.test_subset must be >= 1 or null")
+        check(self.min_test_images >= 0, "measure.min_test_images must be >= 0")
         from .runtimes import CHOICES
 
         bad = [r for r in self.runtimes if r not in CHOICES]

@@ -14,6 +14,7 @@ on the same inputs, not accuracy.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import statistics
@@ -249,7 +250,7 @@ def load_target(target: str, *, checkpoint: str | None = None, img_size: int | N
                 in_chans: int | None = None, num_classes: int | None = None) -> BenchTarget:
     """An artifact folder (holding ``meta.json``), or any model a recipe can name (a timm name, a transformers
     model folder or hub id, ``hf-hub:org/name``), ready to benchmark."""
-    from ..artifact import META_FILE, load_artifact, read_meta, size_on_disk
+    from ..artifact import META_FILE, load_artifact, read_meta, size_on_disk, verify_artifact
     from ..models import checkpoint_head_classes, load_model, model_kind, unknown_model_error
 
     path = Path(target).expanduser()
@@ -259,8 +260,9 @@ def load_target(target: str, *, checkpoint: str | None = None, img_size: int | N
         if given:
             raise VitcompressError(f"{', '.join(given)} apply to a model name; an artifact's shape and "
                                    f"weights come from its {META_FILE}")
+        verify_artifact(path)  # a damaged or edited file is named before anything reads it
         meta = read_meta(path)
-        model = load_artifact(path)
+        model = load_artifact(path, verify=False)
         spec = meta["model"]
         steps = [st["method"] for st in meta.get("steps", [])]
         onnx_dir = path / "deploy"
@@ -381,7 +383,16 @@ def run_bench(target: BenchTarget, cfg: BenchConfig, *, progress: bool = False) 
     if not ran:
         why = "; ".join(f"{e['requested']} ({e['device']}): {e['error']}" for e in entries) or "nothing to run"
         raise VitcompressError(f"no runtime could run {target.label}: {why}")
+    warnings = []
+    if not bool(torch.isfinite(reference).all()):
+        warnings.append("the model's own outputs (PyTorch eager) hold NaN or inf: its weights are damaged or "
+                        "diverged, and every parity figure below is meaningless")
+    for e in ran:
+        bad = [k for k, v in e["parity"].items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            warnings.append(f"{e['runtime']}: parity {', '.join(bad)} is not a number (NaN or inf outputs)")
     return {
+        "warnings": warnings,
         "target": target.source, "kind": target.kind, "model": target.label,
         "img_size": target.img_size, "in_chans": target.in_chans, "num_classes": target.num_classes,
         "params": count_params(model), "macs": macs, "size_bytes": target.size_bytes,
@@ -390,6 +401,17 @@ def run_bench(target: BenchTarget, cfg: BenchConfig, *, progress: bool = False) 
         "runtimes": entries, "skipped": skipped, "fastest": fastest(entries),
         "env": environment(threads),
     }
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and inf floats as None: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _macs(model: nn.Module, x: torch.Tensor) -> int | None:
@@ -444,7 +466,8 @@ def render_bench_table(result: Mapping[str, Any]) -> Table:
                      f"{par['top1_agreement']:.3f}" if first else "", f"{par['max_abs_logit_err']:.2e}" if first else "",
                      f"{par['cosine']:.5f}" if first else ""]
             table.add_row(*(Text(c) for c in cells))
-    notes = [f"skipped {s['device']}: {s['reason']}" for s in result.get("skipped", [])]
+    notes = [f"warning: {w}" for w in result.get("warnings", [])]
+    notes += [f"skipped {s['device']}: {s['reason']}" for s in result.get("skipped", [])]
     notes += [f"failed {f}" for f in failed]
     notes.append("parity: against PyTorch eager (CPU) on the same inputs")
     table.caption = Text("\n".join(notes))

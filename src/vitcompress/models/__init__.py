@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..data.preprocess import Preprocess
-from ..errors import VitcompressError
+from ..errors import VitcompressError, not_a_file
 from . import presets as _presets  # noqa: F401  (registers the presets with timm)
 from .hf import is_hf_folder, looks_like_hub_id
 from .presets import PRESETS
@@ -91,8 +91,9 @@ def unknown_model_error(name: str, what: str = "model") -> VitcompressError:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise VitcompressError(f"checkpoint {path} does not exist; pass the path of a .safetensors or .pth file")
+    problem = not_a_file(path)
+    if problem is not None:
+        raise VitcompressError(f"checkpoint {path} {problem}; pass the path of a .safetensors or .pth file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -120,7 +121,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise VitcompressError(f"checkpoint {path} holds no state dict of tensors; save one with model.state_dict()")
+    check_finite(state, f"checkpoint {path}")
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights holding NaN or inf, naming them: a damaged file or a training that diverged, which every
+    later step would otherwise blame on itself (a study once told the user to lower the learning rate)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise VitcompressError(f"{what} holds non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                               "the file is damaged or its training diverged: pass another one")
 
 
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:

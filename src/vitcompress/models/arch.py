@@ -116,3 +116,36 @@ def needs_swappable_linears(model: nn.Module, config: Any = None,
                             example_shape: tuple[int, ...] | None = None) -> str | None:
     """A method requirement: Linear layers that can be replaced by other modules."""
     return linear_swap_problem(model, example_shape)
+
+
+def memory_need(model: nn.Module, *, train_batch: int | None, eval_batch: int) -> tuple[int, str]:
+    """A rough upper estimate of the bytes running ``model`` takes (built on the meta device is enough), and
+    what dominates it: its parameters (four copies when training: weights, gradients, AdamW's two moments),
+    and for a ViT the activations a batch keeps per block and one block's attention scores (B x heads x N^2;
+    every block's when training, for the backward pass)."""
+    params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    need, parts = params * 4 * (4 if train_batch else 1), {"parameters": params * 4 * (4 if train_batch else 1)}
+    embed = getattr(model, "patch_embed", None)
+    blocks = getattr(model, "blocks", None)
+    if embed is not None and blocks is not None and hasattr(embed, "num_patches") and len(blocks):
+        n = int(embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
+        dim, depth = int(getattr(model, "embed_dim", 0)), len(blocks)
+        heads = int(getattr(getattr(blocks[0], "attn", None), "num_heads", 1) or 1)
+        evals = eval_batch * (8 * n * dim + heads * n * n) * 4
+        parts["activations"] = evals
+        if train_batch:
+            trains = train_batch * depth * (12 * n * dim + heads * n * n) * 4
+            parts["activations"] = max(evals, trains)
+        need = parts["parameters"] + parts["activations"]
+    top = max(parts, key=parts.get)  # type: ignore[arg-type]
+    return need, f"mostly {top}: {parts[top] / 1e9:.1f} GB"
+
+
+def machine_memory() -> int:
+    """Bytes of RAM this machine has."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse

@@ -277,7 +277,11 @@ def load_hf_model(name: str, build: Callable[[str, dict[str, Any]], torch.nn.Mod
     cfg = read_hf_config(folder)
     arch = _architecture(cfg, folder)
     entry, layout = hf_layout(cfg, folder)
-    state = convert_state_dict(read_hf_weights(folder), arch, int(layout["depth"]))
+    weights = read_hf_weights(folder)
+    from . import check_finite
+
+    check_finite(weights, f"{folder}'s weights")
+    state = convert_state_dict(weights, arch, int(layout["depth"]))
     classes = int(state["head.weight"].shape[0])
     model = build(entry, {**layout, "num_classes": classes})
     try:

@@ -45,6 +45,8 @@ _MAIN_COLUMNS: tuple[tuple[str, bool], ...] = (
 )
 # Shown after "CPU speed-up (×)" when the baseline was measured in eager PyTorch and on a faster float runtime.
 EAGER_COLUMN = "CPU speed-up vs eager (×)"
+# The Markdown report's column after "Accuracy (%)": the binomial standard error of that accuracy.
+SE_COLUMN = "± SE (pt)"
 SPREAD_COLUMN = "Speed-up IQR (×)"
 
 # Keys every CSV starts with, so the header is the same whatever rows a run produced.
@@ -75,20 +77,51 @@ _META_LABELS: dict[str, str] = {
 # --------------------------------------------------------------------------- reading
 
 
+# What every row holds, and what a finished ("ok") row holds besides: a row without them cannot be shown,
+# resumed or re-timed.
+_REQUIRED = ("name", "status")
+_REQUIRED_OK = ("steps", "artifact", "top1", "size_bytes", "cpu_img_s")
+
+
+def row_problem(row: Any) -> str | None:
+    """Why a results line cannot stand as a row (not an object, a required field missing), or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    missing = [key for key in _REQUIRED if key not in row]
+    if not missing and row.get("status") == "ok":
+        missing = [key for key in _REQUIRED_OK if row.get(key) is None]
+    if missing:
+        return f"a row without {', '.join(repr(k) for k in missing)}"
+    if not isinstance(row["name"], str):
+        return "its name is not a string"
+    return None
+
+
+def parse_row(line: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A results line as a row, or why it is not one."""
+    try:
+        row = json.loads(line)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        return None, f"not valid JSON ({exc})"
+    problem = row_problem(row)
+    return (None, problem) if problem else (row, None)
+
+
 def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a study's ``results.jsonl``: one JSON object per line, one per experiment.
 
-    A corrupt *last* line is what a run killed mid-write leaves behind, so it is
-    skipped with a ``RuntimeWarning`` and the finished rows are still reported.
-    A corrupt line anywhere else means the file was damaged some other way, and
-    guessing past it could silently drop results, so it raises.
+    A damaged *last* line (not JSON, or a row without the fields a row must hold) is what a run killed
+    mid-write leaves behind, so it is skipped with a ``RuntimeWarning`` and the finished rows are still
+    reported. A damaged line anywhere else means the file was changed some other way, and guessing past
+    it could silently drop results, so it raises; running the study again sets such lines aside in
+    ``results.jsonl.bad`` (see ``vitcompress.study.results.repair_results``) and re-runs their rows.
 
     When a name appears twice (an experiment re-run into the same folder) the
     later row wins, at the position of the first.
 
     Raises:
         VitcompressError: the file is missing, or a line other than the last is
-            not a JSON object (the message names the line number).
+            not a row (the message names the line number).
     """
     path = Path(path)
     try:
@@ -102,24 +135,22 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     lines = [(number, line) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
     by_name: dict[Any, dict[str, Any]] = {}
     for position, (number, line) in enumerate(lines):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        row, problem = parse_row(line)
+        if row is None:
             if position == len(lines) - 1:
                 warnings.warn(
                     f"{path}: skipped line {number}, which is incomplete (the run probably stopped while "
-                    f"writing it): {exc}",
+                    f"writing it): {problem}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
                 break
             raise VitcompressError(
-                f"{path} line {number} is not a valid JSON object ({exc}); fix or delete that line"
-            ) from None
+                f"{path} line {number} is not a valid row ({problem}); run the study again, which sets it aside "
+                f"in {path.name}.bad and re-runs its experiment, or fix that line"
+            )
         # Dict assignment keeps the key's first position, which is the order we want.
-        by_name[row.get("name", ("unnamed line", number))] = row
+        by_name[row["name"]] = row
     return list(by_name.values())
 
 
@@ -205,9 +236,12 @@ def paired_speedup(row: Mapping[str, Any], runtime: str | None) -> tuple[float, 
     return None if None in values else values  # type: ignore[return-value]
 
 
-def main_columns(speed_ref: SpeedReference) -> list[tuple[str, bool]]:
-    """The main table's (header, right-aligned) columns; the eager ratio only when it differs."""
+def main_columns(speed_ref: SpeedReference, *, with_se: bool = False) -> list[tuple[str, bool]]:
+    """The main table's (header, right-aligned) columns; the eager ratio only when it differs; ``with_se``:
+    the accuracy's standard error beside it."""
     columns = list(_MAIN_COLUMNS)
+    if with_se:
+        columns.insert([header for header, _ in columns].index("Accuracy (%)") + 1, (SE_COLUMN, True))
     if speed_ref.eager_img_s is not None:
         at = [header for header, _ in columns].index("CPU speed-up (×)") + 1
         columns.insert(at, (EAGER_COLUMN, True))
@@ -260,9 +294,18 @@ def _times(value: float | None) -> str:
     return DASH if value is None else f"{value:.2f}×"
 
 
+def accuracy_se(top1: Any, n: Any) -> float | None:
+    """The binomial standard error of a top-1 accuracy in percent measured on ``n`` images, in points."""
+    p, count = finite_number(top1), finite_number(n)
+    if p is None or count is None or count < 1:
+        return None
+    p = min(max(p / 100, 0.0), 1.0)
+    return 100 * math.sqrt(p * (1 - p) / count)
+
+
 def _main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None,
-                speed_ref: SpeedReference | None = None) -> list[str]:
-    """Plain-text cells of the main table, in ``main_columns(speed_ref)`` order."""
+                speed_ref: SpeedReference | None = None, *, with_se: bool = False) -> list[str]:
+    """Plain-text cells of the main table, in ``main_columns(speed_ref, with_se=...)`` order."""
     ref = reference or {}
     speed_ref = same_round_reference(row, speed_ref or speed_reference(reference))
     paired = paired_speedup(row, speed_ref.runtime)
@@ -273,10 +316,12 @@ def _main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None,
     eager_paired = paired_speedup(row, eager_runtime)
     eager = ([_times(eager_paired[1] if eager_paired else _ratio(row.get("cpu_img_s"), speed_ref.eager_img_s))]
              if speed_ref.eager_img_s is not None else [])
+    se = [_fmt(accuracy_se(row.get("top1"), row.get("n_test")), 2)] if with_se else []
     return [
         str(row.get("model") or DASH),
         method,
         _fmt(row.get("top1"), 2),
+        *se,
         _fmt(row.get("gpu_img_s"), 1),
         _fmt(row.get("cpu_img_s"), 1),
         _fmt(row.get("size_bytes"), 2, scale=1e6),
@@ -308,9 +353,15 @@ def _detail_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, i
 # --------------------------------------------------------------------------- markdown
 
 
+_CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10, 13))  # NUL and the other C0 controls
+
+
 def _md(text: Any) -> str:
-    # A raw "|" would end the cell early; a newline would end the table.
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text from a recipe or a row (a name, an error) as inert Markdown: a raw "|" would end a table cell
+    early and a newline the table; HTML would be rendered (``<img onerror=...>`` in a name); control
+    characters such as NUL break viewers."""
+    text = " ".join(str(text).translate(_CONTROL).split())
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
 def _md_table(headers: Sequence[str], right: Sequence[bool], body: Sequence[Sequence[str]]) -> list[str]:
@@ -418,6 +469,8 @@ def _legend(has_pareto: bool, has_top5: bool, speed_ref: SpeedReference | None =
         "- **Model**: the architecture the experiment started from.",
         "- **Method**: the experiment's name; its compression steps are in `results.csv` (column `steps`).",
         "- **Accuracy (%)**: top-1 accuracy on the test split, in percent.",
+        f"- **{SE_COLUMN}**: its binomial standard error, √(p(1−p)/n) in points for n test images: two rows "
+        "closer than about twice this are not told apart by this test split.",
         "- **GPU Speed (img/s)**: images per second of the row's PyTorch model, eager and in its own "
         "precision, on the GPU named under Hardware, at the batch size above. A quantized row runs there as "
         "its float simulation (fake quantization), never in integer arithmetic; PyTorch's int8 modules have "
@@ -497,10 +550,10 @@ def render_markdown(
 
     out += ["## Results", ""]
     if finished:
-        columns = main_columns(speed_ref)
+        columns = main_columns(speed_ref, with_se=True)
         headers = [header for header, _ in columns]
         right = [r for _, r in columns]
-        out += _md_table(headers, right, [_main_cells(row, reference, speed_ref) for row in finished])
+        out += _md_table(headers, right, [_main_cells(row, reference, speed_ref, with_se=True) for row in finished])
     else:
         out.append("_No experiment finished._")
     out.append("")
@@ -508,7 +561,14 @@ def render_markdown(
     noted = [row for row in rows if row.get("note")]
     if noted:
         out += ["## Notes", ""]
-        out += [f"- **{_md(row.get('name', DASH))}**: {' '.join(str(row['note']).split())}" for row in noted]
+        out += [f"- **{_md(row.get('name', DASH))}**: {_md(' '.join(str(row['note']).split()))}" for row in noted]
+        out.append("")
+
+    warned = [row for row in finished if row.get("warnings")]
+    if warned:
+        out += ["## Warnings", ""]
+        out += [f"- **{_md(row.get('name', DASH))}**: {_md(' '.join(str(text).split()))}"
+                for row in warned for text in row["warnings"]]
         out.append("")
 
     if failed:
@@ -549,9 +609,15 @@ def render_markdown(
 # --------------------------------------------------------------------------- csv
 
 
+# A cell a spreadsheet would run as a formula (OWASP's CSV injection list) gets a leading quote.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
     if isinstance(value, bool):
         return "true" if value else "false"  # the JSON spelling, like results.jsonl
     if isinstance(value, (Mapping, list, tuple)):
@@ -605,6 +671,12 @@ def render_terminal_table(rows: list[dict[str, Any]]) -> Table:
                 caption.append("\n")
             caption.append(f"{row.get('name', DASH)}: ", style="bold")
             caption.append(" ".join(str(row["note"]).split()))
+    for row in (row for row in rows if is_ok(row)):
+        for text in row.get("warnings") or ():
+            if caption:
+                caption.append("\n")
+            caption.append(f"warning, {row.get('name', DASH)}: ", style="yellow")
+            caption.append(" ".join(str(text).split()))
     failed = [row for row in rows if not is_ok(row)]
     if failed:
         if caption:

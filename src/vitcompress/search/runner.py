@@ -30,7 +30,7 @@ import torch
 from ..artifact import load_artifact
 from ..config import key_dict
 from ..data import FileImages, ImageTensorDataset
-from ..errors import VitcompressError
+from ..errors import StorageError, VitcompressError, storage_fault
 from ..measure import evaluate_accuracy
 from ..study.recipe import Experiment, Recipe, _parse_steps
 from ..study.results import append_row, load_rows
@@ -54,8 +54,11 @@ def _new_constraints() -> bool:
 class SearchStudy(Study):
     """A study whose 'test' split is a validation slice of the training split."""
 
+    data_splits = ("train",)  # the test split is read once, after the trials, for the final check
+
     def __init__(self, recipe: Recipe, run_dir: Path, val_images: int, **kwargs: Any) -> None:
         super().__init__(recipe, run_dir, **kwargs)
+        self.results_path = run_dir / TRIALS_FILE  # the rows a search keeps (and checks for its run key)
         self.val_images = val_images
         self.val_indices: torch.Tensor | None = None
         self.fit_indices: torch.Tensor | None = None
@@ -173,6 +176,8 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _RunLock(run_dir):
         study._check_run_dir()
+        study._repair_results()
+        study._check_data()
         rows = load_rows(trials_path)
         base = next((r for r in rows if r.get("trial") == -1 and r.get("status") == "ok"), None)
         if base is None:
@@ -220,6 +225,9 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
                 model, art = study._materialize(steps)
                 row = study._measure(exp, model, art, time.perf_counter() - t0)
             except (VitcompressError, RuntimeError, ValueError) as exc:
+                fault = storage_fault(exc)
+                if fault is not None:  # the disk, not the chain: nothing recorded, the next run retries
+                    raise StorageError(run_dir, fault) from exc
                 msg = " ".join(str(exc).split())[:300]
                 say(f"  trial {trial.number} failed: {msg}")
                 append_row(trials_path, {"trial": trial.number, "name": f"trial {trial.number}", "status": "failed",

@@ -5,7 +5,7 @@ The test split is deliberately absent: no method can look at it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from torch import nn
 
 from ..data import FileImages, ImageTensorDataset, make_loader
 from ..train import LossFn, TrainConfig, TrainResult, fit
+
+CALIB_MIN_STD = 1.0  # pixel standard deviation (0..255) under which a calibration slice is called degenerate
 
 
 @dataclass
@@ -29,12 +31,29 @@ class StepContext:
     calib_images: int = 256
     progress: bool = True
     name: str = "step"
+    # What the step met that its row should say (a degenerate calibration set, ...); the study keeps them in
+    # the artifact's meta and the row.
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
 
     def calib_dataset(self, n: int | None = None) -> ImageTensorDataset | FileImages:
-        """A fixed, seeded slice of the training split for calibration or importance scores."""
+        """A fixed, seeded slice of the training split for calibration or importance scores.
+
+        Images with next to no variation (all one grey, say) calibrate scales that fit no real input: such a
+        slice is used, but the step warns.
+        """
         n = min(n or self.calib_images, len(self.train_ds))
         g = torch.Generator().manual_seed(self.seed + 1)
-        return self.train_ds.subset(torch.randperm(len(self.train_ds), generator=g)[:n])
+        ds = self.train_ds.subset(torch.randperm(len(self.train_ds), generator=g)[:n])
+        if isinstance(ds, ImageTensorDataset) and len(ds):
+            spread = float(ds.images.float().std())
+            if spread < CALIB_MIN_STD:
+                self.warn(f"its {len(ds)} calibration images have near-zero variance (pixel std {spread:.2f} of "
+                          "255): scales or importances computed on them may not fit real inputs")
+        return ds
 
     def calib_loader(self, n: int | None = None, batch_size: int = 64) -> Any:
         return make_loader(self.calib_dataset(n), batch_size, train=False, img_size=self.img_size,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,10 +25,11 @@ import yaml
 
 from ..config import LATE, check, from_dict, key_dict, to_dict
 from ..data import DATASETS, DataConfig
-from ..errors import VitcompressError
+from ..errors import VitcompressError, not_a_file
 from ..measure import MeasureConfig
 from ..methods import get_method, parse_config
 from ..models import ModelSpec, input_shape, is_known_model, structure_of, unknown_model_error
+from ..models.arch import machine_memory, memory_need
 from ..train import TrainConfig
 
 
@@ -113,6 +115,7 @@ class Recipe:
 
 
 _TOP_KEYS = {"name", "description", "seed", "data", "baseline", "measure", "experiments", "search"}
+_RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_. -]{0,99}")
 
 
 def _digest(obj: Any) -> str:
@@ -182,11 +185,13 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         if key not in data:
             raise VitcompressError(f"{source}: missing required key '{key}'")
     name = data["name"]
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise VitcompressError(f"{source}: 'name' must be a non-empty string without '/'")
+    # The name is the default run folder (runs/<name>): a path of one plain component, nothing that leaves runs/.
+    if not isinstance(name, str) or not _RECIPE_NAME.fullmatch(name.strip()) or name.strip() in (".", ".."):
+        raise VitcompressError(f"{source}: 'name' must be letters, digits, spaces and . _ - (not starting with . "
+                               f"or -, at most 100 characters); it names the run folder runs/<name>; got {name!r}")
     seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise VitcompressError(f"{source}: 'seed' must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise VitcompressError(f"{source}: 'seed' must be an integer in [0, 2**32), got {seed!r}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise VitcompressError(f"{source}: 'description' must be a string")
@@ -225,9 +230,9 @@ def check_models(recipe: Recipe) -> None:
             paths.append((f"{recipe.source}: experiments[{i}].steps[{j}].{step.method}.checkpoint",
                           getattr(step.config, "checkpoint", None)))
     for where, path in paths:
-        if path is not None and not Path(path).expanduser().is_file():
-            what = "is a folder" if Path(path).expanduser().is_dir() else "does not exist"
-            raise VitcompressError(f"{where}: {path} {what}; pass the path of a .safetensors or .pth file")
+        problem = None if path is None else not_a_file(Path(path).expanduser())
+        if problem is not None:
+            raise VitcompressError(f"{where}: {path} {problem}; pass the path of a .safetensors or .pth file")
     if b.train.epochs == 0:
         for i, exp in enumerate(recipe.experiments):
             for j, step in enumerate(exp.steps):
@@ -243,6 +248,13 @@ def check_models(recipe: Recipe) -> None:
                         kwargs=spec.kwargs)
     if base is None:
         return
+    need, why = memory_need(base, train_batch=b.train.batch_size if b.train.epochs else None,
+                            eval_batch=recipe.measure.eval_batch_size)
+    if need > machine_memory():
+        raise VitcompressError(
+            f"{recipe.source}: baseline {spec.name} at {spec.img_size} px would need about {need / 1e9:,.0f} GB "
+            f"({why}), more than this machine's {machine_memory() / 1e9:.0f} GB; lower img_size, the model's size "
+            "(model_kwargs) or the batch sizes")
     shape = (spec.in_chans, spec.img_size, spec.img_size)
     seen: dict[tuple[int, str, str], str | None] = {}
     for i, exp in enumerate(recipe.experiments):
@@ -262,6 +274,18 @@ def check_models(recipe: Recipe) -> None:
                 label = student
                 if model is None:
                     break
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases: a 1 kB recipe of aliases of aliases (a "billion laughs") expands
+    to billions of nodes the moment a key is read. A recipe has no need for them; anchors alone are harmless."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "recipes may not use YAML aliases (*name); write the "
+                                              "value out", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def bundled_recipes() -> list[str]:
@@ -288,7 +312,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         text = resources.files("vitcompress.recipes").joinpath(f"{name}.yaml").read_text()
         source = name
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -30,9 +30,11 @@ from typing import Any
 import torch
 
 from ..artifact import load_artifact
+from ..errors import VitcompressError
 from ..measure import _Threads
 from ..measure.bench import latency_interleaved, paired_ratios, time_anchored
 from ..measure.runtimes import RUNTIMES, as_module, deploy
+from .results import add_warning
 
 INTERLEAVED = "interleaved"
 
@@ -77,10 +79,22 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
     batch = example[:1].repeat(cfg.batch_size, *([1] * (example.dim() - 1)))
     one = example[:1]
 
+    untimed: set[str] = set()
+
     def deployments(row: dict[str, Any]) -> dict[str, Callable[[], Any]]:
-        """One callable per runtime the row ran in, keyed by ``[row name, runtime label]`` (JSON)."""
+        """One callable per runtime the row ran in, keyed by ``[row name, runtime label]`` (JSON); none when its
+        artifact is missing or changed (the row keeps the speed it had, with a warning saying why)."""
         art = run_dir / Path(row["artifact"]).parent
-        model = load_artifact(art)
+        try:
+            model = load_artifact(art)
+        except VitcompressError as exc:
+            if row is base:
+                raise
+            log(f"speed pass: {row['name']} is not re-timed: {exc}")
+            add_warning(row, f"not re-timed in the last speed pass ({str(exc).split(';')[0]}); its speed is from "
+                             "an earlier one")
+            untimed.add(row["name"])
+            return {}
         out = {}
         for label, entry in row["runtimes"].items():
             name = runtime_name(label)
@@ -130,6 +144,8 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
                 "q25": 1.0, "median": 1.0, "q75": 1.0}
             entry["speedup_paired"] = {b: paired[b] for b in sorted(paired)}
         for row in group[1:]:
+            if row["name"] in untimed:
+                continue
             row.setdefault("cpu_img_s_isolated", row["cpu_img_s"])
             row["timing"] = {"mode": INTERLEAVED, "group": g, "baseline_img_s": base_here, "anchor": anchor_label}
             pick_primary(row)

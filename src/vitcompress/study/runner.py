@@ -30,7 +30,16 @@ import torch
 from torch import nn
 
 from .. import dist
-from ..artifact import META_FILE, load_artifact, read_meta, save_artifact, size_on_disk, upgrade_artifact
+from ..artifact import (
+    META_FILE,
+    ArtifactChanged,
+    load_artifact,
+    read_meta,
+    save_artifact,
+    size_on_disk,
+    upgrade_artifact,
+    verify_artifact,
+)
 from ..config import to_dict
 from ..data import (
     DataSource,
@@ -41,7 +50,7 @@ from ..data import (
     make_loader,
     open_source,
 )
-from ..errors import VitcompressError
+from ..errors import StorageError, VitcompressError, storage_fault
 from ..measure import (
     count_macs,
     count_params,
@@ -53,9 +62,10 @@ from ..measure import (
 )
 from ..methods import get_method, parse_config
 from ..models import ModelSpec, load_model, model_preprocess
+from ..train import CKPT_FILE
 from .context import StepContext
 from .recipe import Experiment, Recipe, Step
-from .results import RESULTS_FILE, append_row, load_rows
+from .results import RESULTS_FILE, add_warning, append_row, load_rows, repair_results
 from .retime import needs_retime, primary_runtime, retime_rows, write_rows
 
 RUN_INFO = "run.json"
@@ -81,11 +91,24 @@ def _final_model_name(meta: dict[str, Any], default: str) -> str:
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
-    """What a study wrote in ``run_dir/run.json`` (recipe, command, baseline key); {} if it is missing or corrupt."""
+    """What a study wrote in ``run_dir/run.json`` (recipe, command, run keys); {} when there is none.
+
+    A damaged one is an error: it says which study the folder holds, and guessing (stamping it anew) would
+    let another study's rows pass for this one's.
+    """
+    path = run_dir / RUN_INFO
     try:
-        return json.loads((run_dir / RUN_INFO).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        return info
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as exc:
+        raise VitcompressError(
+            f"{path} is damaged ({type(exc).__name__}: {str(exc)[:80]}); it records which study {run_dir} holds: "
+            "restore it, or pass --out NEW_DIR for a new folder (the rows stay readable: vitcompress report)"
+        ) from None
 
 
 def _step_keys(stored: Any) -> list[dict[str, Any]] | None:
@@ -159,9 +182,14 @@ class _RunLock:
 
 
 class Study:
+    data_splits: tuple[str, ...] = ("train", "test")  # the splits a run reads (its data fingerprint covers them)
+
     def __init__(self, recipe: Recipe, run_dir: Path, *, data_root: str | None = None, download: bool | None = None,
-                 progress: bool = True, debug: bool = False, log: Callable[[str], None] | None = None) -> None:
+                 progress: bool = True, debug: bool = False, log: Callable[[str], None] | None = None,
+                 keep_train_state: bool = False) -> None:
         self.recipe = recipe
+        # Training checkpoints (train_state.pt) are removed once the model they would resume is saved.
+        self.keep_train_state = keep_train_state
         self.run_dir = run_dir
         self.data_root = data_root if data_root is not None else recipe.data.root
         self.download = recipe.data.download if download is None else download
@@ -175,6 +203,7 @@ class Study:
         self._train: ImageTensorDataset | FileImages | None = None
         self._test: ImageTensorDataset | FileImages | None = None
         self._baseline: nn.Module | None = None
+        self.run_key: str | None = None  # baseline and data fingerprint, set when the run checks its folder
 
     # ---- data -------------------------------------------------------------------------------
     @property
@@ -265,9 +294,17 @@ class Study:
         """The model a chain prefix produces: loaded from its artifact if saved, else built and saved."""
         art = self._artifact_dir(steps)
         if (art / "meta.json").exists() and (art / "model.safetensors").exists():
-            if upgrade_artifact(art):
-                self.log(f"  rewrote {art.name}/model.safetensors in the packed layout (same tensors, smaller index)")
-            return load_artifact(art), art
+            try:
+                verify_artifact(art)
+            except ArtifactChanged as exc:
+                aside = self._set_aside(art)
+                self.log(f"  {exc.file} of artifact {art.name} changed since it was written: rebuilding it from "
+                         f"its chain (the changed copy is kept as {aside.name})")
+            else:
+                if upgrade_artifact(art):
+                    self.log(f"  rewrote {art.name}/model.safetensors in the packed layout (same tensors, smaller "
+                             "index)")
+                return load_artifact(art, verify=False), art
         t0 = time.perf_counter()
         if not steps:
             model, parent_meta = self._build_baseline(art)
@@ -279,9 +316,14 @@ class Study:
             method = get_method(step.method)
             torch.manual_seed(self.recipe.seed)
             self.log(f"  step {len(steps)}: {step.method}")
-            out = method.apply(parent, step.config, self._context(art / "work", step.method))
+            ctx = self._context(art / "work", step.method)
+            out = method.apply(parent, step.config, ctx)
             model = out.model
             step_meta = [{"method": step.method, "config": to_dict(step.config), "meta": out.meta}]
+            if ctx.warnings:
+                step_meta[0]["warnings"] = list(ctx.warnings)
+                for text in ctx.warnings:
+                    self.log(f"  warning: {step.method}: {text}")
         model = model.eval()
         example = self._example()
         _check_finite(model, example, f"step {len(steps)} ({steps[-1].method})" if steps else "the baseline")
@@ -301,6 +343,9 @@ class Study:
         }
         if dist.is_main():
             save_artifact(model, art, meta, small_tensors=small_tensor_storage(steps))
+            if not self.keep_train_state:  # the saved model is what they would resume; they are most of the bytes
+                for state in (art / "work").rglob(CKPT_FILE):
+                    state.unlink()
         dist.barrier()
         return load_artifact(art), art
 
@@ -387,26 +432,69 @@ class Study:
             "artifact": str((art / "model.safetensors").relative_to(self.run_dir)),
             "env": environment(threads),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_key": self.run_key,
+            **self._warnings(best["n_test"], meta),
         }
+
+    def _warnings(self, n_test: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """The row's warnings: an accuracy resting on few test images, and what its steps warned about."""
+        row: dict[str, Any] = {}
+        minimum = self.recipe.measure.min_test_images
+        if n_test < minimum:
+            from ..report.table import accuracy_se
+
+            se = accuracy_se(50.0, n_test)
+            add_warning(row, f"its accuracy rests on {n_test} test images, fewer than measure.min_test_images "
+                             f"({minimum}): one standard error is up to ±{se:.1f} points")
+        for step in meta.get("steps", []):
+            for text in step.get("warnings") or ():
+                add_warning(row, f"{step['method']}: {text}")
+        return row
 
     def _failed_row(self, exp: Experiment, message: str, seconds: float) -> dict[str, Any]:
         return {"name": exp.name, "method": exp.method, "steps": [s.to_dict() for s in exp.steps],
                 "dataset": self.recipe.data.name, "model": self.spec.name, "baseline": not exp.steps,
                 "status": "failed", "error": message, "seconds": seconds,
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_key": self.run_key}
 
     def _check_run_dir(self) -> None:
-        info_path = self.run_dir / RUN_INFO
+        """One run folder, one study: the recipe's baseline, dataset and seed (before the data is read)."""
         key = self.recipe.baseline_key()
-        if info_path.exists():
-            info = read_run_info(self.run_dir)
-            if info.get("baseline_key") not in (None, key):
-                raise VitcompressError(
-                    f"{self.run_dir} holds a study with another dataset, baseline or seed "
-                    f"(recipe '{info.get('recipe')}'); pass --out NEW_DIR or delete the folder"
-                )
-        self._write_run_info({"recipe": self.recipe.name, "source": self.recipe.source, "baseline_key": key,
-                              "command": " ".join(["vitcompress", *sys.argv[1:]])})
+        info = read_run_info(self.run_dir)
+        if info.get("baseline_key") not in (None, key):
+            raise VitcompressError(
+                f"{self.run_dir} holds a study with another dataset, baseline or seed "
+                f"(recipe '{info.get('recipe')}'); pass --out NEW_DIR or delete the folder"
+            )
+        self._write_run_info(info | {"recipe": self.recipe.name, "source": self.recipe.source, "baseline_key": key,
+                                     "command": " ".join(["vitcompress", *sys.argv[1:]])})
+
+    def _check_data(self) -> None:
+        """...and the data actually read: its fingerprint (class names, split sizes, content or file index, the
+        test subset) joins the run key, which every row carries. Rows measured on other data are refused."""
+        info = read_run_info(self.run_dir)
+        data_key = f"{self.source.fingerprint(self.data_splits)}-{self.recipe.measure.test_subset or 'all'}"
+        if info.get("data_key") not in (None, data_key):
+            held = info.get("data") or "a different dataset"
+            raise VitcompressError(
+                f"{self.run_dir} holds rows measured on other data than this run reads ({held}: other files, class "
+                "names, split sizes or test subset); pass --out NEW_DIR")
+        self.run_key = f"{self.recipe.baseline_key()}-{data_key}"
+        other = next((r for r in load_rows(self.results_path) if r.get("run_key") not in (None, self.run_key)), None)
+        if other is not None:
+            raise VitcompressError(f"{self.results_path} holds row '{other.get('name')}' of another run (run key "
+                                   f"{other.get('run_key')}, this one {self.run_key}); pass --out NEW_DIR")
+        if info.get("data_key") is None and self.results_path.exists():
+            self.log(f"run.json had no data fingerprint (written by an earlier version): recording {data_key}")
+        self._write_run_info(info | {"data_key": data_key, "run_key": self.run_key} | self._data_meta())
+
+    def _repair_results(self) -> None:
+        """Lines of the results file that are not rows go to ``<file>.bad`` (kept); their experiments run again."""
+        problems = repair_results(self.results_path)
+        if problems:
+            number, why = problems[0]
+            self.log(f"set aside {len(problems)} damaged line(s) of {self.results_path.name} in "
+                     f"{self.results_path.name}.bad (line {number}: {why}); their experiments run again")
 
     def _write_run_info(self, info: dict[str, Any]) -> None:
         path = self.run_dir / RUN_INFO
@@ -438,8 +526,11 @@ class Study:
             if bad:
                 raise VitcompressError(f"the measurement gave non-finite numbers ({', '.join(bad[:5])})")
             return row
-        except (VitcompressError, RuntimeError, ValueError) as exc:
-            if self.debug or not exp.steps:
+        except Exception as exc:
+            fault = storage_fault(exc)
+            if fault is not None:  # the disk, not the method: no failed row, the next run retries
+                raise StorageError(self.run_dir, fault) from exc
+            if self.debug or not exp.steps or not isinstance(exc, (VitcompressError, RuntimeError, ValueError)):
                 raise
             msg = " ".join(str(exc).split())[:300]
             if not isinstance(exc, VitcompressError):
@@ -450,21 +541,51 @@ class Study:
     def _record(self, row: dict[str, Any]) -> None:
         if not dist.is_main():
             return
-        append_row(self.results_path, row)
+        if row.get("run_key") is None:  # a row measured by a Ray worker, whose Study did not check the folder
+            row["run_key"] = self.run_key
+        try:
+            append_row(self.results_path, row)
+        except OSError as exc:
+            fault = storage_fault(exc)
+            if fault is None:
+                raise
+            raise StorageError(self.results_path, fault) from exc
         status = (f"top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.2f} MB  "
                   f"cpu {row['cpu_img_s']:.1f} img/s" if row["status"] == "ok" else f"FAILED: {row['error']}")
         self.log(f"  {row['name']}: {status}")
 
+    def _set_aside(self, art: Path) -> Path:
+        """Move a changed artifact out of the way (kept, never deleted) so its chain can be built again."""
+        aside = art.with_name(f"{art.name}.changed-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}")
+        if dist.is_main():
+            os.replace(art, aside)
+        dist.barrier()
+        return aside
+
+    def _artifact_intact(self, row: dict[str, Any]) -> str | None:
+        """Why a finished row's artifact cannot stand for it any more (missing, changed), or None."""
+        try:
+            verify_artifact(self.run_dir / Path(row["artifact"]).parent)
+        except VitcompressError as exc:
+            return str(exc)
+        return None
+
     def pending(self) -> list[Experiment]:
-        """Experiments without an ok row for their current steps, baseline first."""
+        """Experiments without an ok row for their current steps, baseline first. A finished row whose
+        artifact is missing or changed since it was written is run again (its artifact rebuilt from the
+        chain), so the speed pass and later steps never read a model other than the one measured."""
         done = {r["name"]: r for r in load_rows(self.results_path) if r.get("status") == "ok"}
         out = []
         for exp in (Experiment(self.recipe.baseline.name, ()), *self.recipe.experiments):
             prev = done.get(exp.name)
             if prev is not None and _step_keys(prev.get("steps")) == [s.key_dict() for s in exp.steps]:
-                self.log(f"✓ {exp.name}: already measured, skipped")
-            else:
-                out.append(exp)
+                problem = self._artifact_intact(prev)
+                if problem is None:
+                    self.log(f"✓ {exp.name}: already measured, skipped")
+                    continue
+                self.log(f"↻ {exp.name}: measured before, but {problem.split(';')[0]}: building and measuring it "
+                         "again")
+            out.append(exp)
         return out
 
     def run(self, executor: str = "local", address: str | None = None) -> StudyResult:
@@ -475,9 +596,10 @@ class Study:
         with _RunLock(self.run_dir, enabled=dist.is_main()):
             if dist.is_main():
                 self._check_run_dir()
+                self._repair_results()
             _ = self.train_ds, self.test_ds  # a missing dataset fails here, before any work
             if dist.is_main():
-                self._write_run_info(read_run_info(self.run_dir) | self._data_meta())
+                self._check_data()
                 self.log(f"inputs: {self.preprocess.describe()}")
             todo = self.pending()
             # The baseline runs here in every executor: each chain starts from its saved model.

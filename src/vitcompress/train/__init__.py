@@ -47,12 +47,12 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}")
-        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(0 <= self.epochs <= 100_000, f"epochs must be in [0, 100000], got {self.epochs}")
+        check(1 <= self.batch_size <= 65_536, f"batch_size must be in [1, 65536], got {self.batch_size}")
         check(0 < self.lr < 10, f"lr must be in (0, 10), got {self.lr}")
         check(0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        check(0 <= self.warmup_epochs <= 100_000, f"warmup_epochs must be in [0, 100000], got {self.warmup_epochs}")
         check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
         check(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1 or null")
