@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
+import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_recipe_dict
@@ -284,3 +287,194 @@ def test_truncated_or_corrupted_checkpoints_load_or_fail_in_one_line(micro_check
         assert "\n" not in str(exc) and str(path) in str(exc)
     else:
         assert flips, "a truncated checkpoint loaded"
+
+
+# ---- the hostile-file classes, each a seeded batch with its counts printed ------------------------------------
+def _report(capsys: pytest.CaptureFixture[str], what: str, counts: dict[str, int]) -> None:
+    with capsys.disabled():
+        print(f"\nfuzz {what}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+def test_fuzz_bit_flips_in_artifact_files(artifact, capsys) -> None:
+    """One to eight bit flips anywhere in model.safetensors or meta.json: every one is caught by the hashes;
+    read without them, each loads (other weights) or fails in one line."""
+    import random
+
+    from vitcompress.artifact import CHECKSUMS_FILE, META_FILE, WEIGHTS_FILE, ArtifactChanged
+
+    rng = random.Random(0)
+    good = {name: (artifact / name).read_bytes() for name in (WEIGHTS_FILE, META_FILE, CHECKSUMS_FILE)}
+    counts = {"cases": 0, "caught by the hashes": 0, "loaded unchecked": 0, "one-line errors unchecked": 0}
+    for _ in range(150):
+        name = rng.choice([WEIGHTS_FILE, META_FILE])
+        data = bytearray(good[name])
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        if bytes(data) == good[name]:
+            continue
+        (artifact / name).write_bytes(bytes(data))
+        counts["cases"] += 1
+        with pytest.raises(ArtifactChanged, match=f"{name} changed since it was written"):
+            load_artifact(artifact)
+        counts["caught by the hashes"] += 1
+        try:
+            load_artifact(artifact, verify=False)
+            counts["loaded unchecked"] += 1
+        except VitcompressError as exc:
+            assert "\n" not in str(exc)
+            counts["one-line errors unchecked"] += 1
+        (artifact / name).write_bytes(good[name])
+    _report(capsys, "bit flips in artifact files", counts)
+    assert counts["caught by the hashes"] == counts["cases"] > 100
+
+
+def _hostile_json(rng, depth: int = 0):
+    kind = rng.randrange(7 if depth < 4 else 4)
+    if kind == 0:
+        return rng.choice([None, True, -1, 0, 2**62, 1.5, float("nan")])
+    if kind == 1:
+        return rng.choice(["", "float32", "int8", "bogus", "a" * rng.randrange(1, 200)])
+    if kind == 2:
+        return [rng.randrange(-3, 10**12) for _ in range(rng.randrange(5))]
+    if kind == 3:
+        return ["w", rng.choice(["float32", "int8", "uint8", "bogus"]), [rng.randrange(-2, 10**9) for _ in range(3)]]
+    if kind == 4:
+        return [_hostile_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {rng.choice(["format", "index", "layout", "x"]): _hostile_json(rng, depth + 1)
+            for _ in range(rng.randrange(4))}
+
+
+def test_fuzz_hostile_index_metadata(artifact, capsys) -> None:
+    """Random JSON (and random bytes) as a packed file's compressed index: each is one line, never a traceback."""
+    import base64
+    import random
+    import zlib
+
+    from safetensors.torch import load_file
+
+    rng = random.Random(1)
+    blobs = load_file(str(artifact / "model.safetensors"))
+    counts = {"cases": 0, "one-line errors": 0}
+    for i in range(150):
+        doc = _hostile_json(rng)
+        if i % 3 == 0:
+            doc = {"format": "2", "layout": _hostile_json(rng) if i % 2 else {}, "index": _hostile_json(rng)}
+        payload = (json.dumps(doc).encode() if i % 5 else bytes(rng.randrange(256) for _ in range(64)))
+        packed = base64.b64encode(zlib.compress(payload)).decode() if i % 7 else "not base64 %%"
+        save_file(blobs, str(artifact / "model.safetensors"), metadata={"vitcompress_index": packed})
+        counts["cases"] += 1
+        with pytest.raises(VitcompressError) as info:
+            load_artifact(artifact, verify=False)
+        assert "\n" not in str(info.value)
+        counts["one-line errors"] += 1
+    _report(capsys, "hostile index metadata", counts)
+    assert counts["one-line errors"] == counts["cases"]
+
+
+def _nested(rng, depth: int):
+    """A label structure with shared references: small to pickle, huge to walk."""
+    leaf: object = [rng.randrange(10) for _ in range(rng.randrange(1, 50))]
+    for _ in range(depth):
+        leaf = rng.choice([[leaf] * rng.randrange(2, 1000), [leaf, rng.randrange(10)], {"x": leaf}, (leaf,) * 3])
+    return leaf
+
+
+def test_fuzz_nested_structure_pickles(tmp_path, capsys) -> None:
+    """CIFAR batches whose labels are nested, shared structures: refused in one line, before any walk."""
+    import random
+
+    from fixtures_data import write_cifar10
+
+    from vitcompress.data import clear_cache, load_split
+
+    rng = random.Random(2)
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    good = (folder / "data_batch_1").read_bytes()
+    counts = {"cases": 0, "one-line errors": 0, "loaded (flat labels after all)": 0}
+    for _ in range(60):
+        with open(folder / "data_batch_1", "wb") as f:
+            pickle.dump({b"data": np.zeros((6, 3072), np.uint8), b"labels": _nested(rng, rng.randrange(1, 5))}, f,
+                        protocol=2)
+        clear_cache()
+        counts["cases"] += 1
+        t = time.perf_counter()
+        try:
+            load_split("cifar10", "train", tmp_path)
+            counts["loaded (flat labels after all)"] += 1
+        except VitcompressError as exc:
+            assert "\n" not in str(exc)
+            counts["one-line errors"] += 1
+        assert time.perf_counter() - t < 5
+    (folder / "data_batch_1").write_bytes(good)
+    _report(capsys, "nested-structure pickles", counts)
+    assert counts["one-line errors"] >= 55
+
+
+def test_fuzz_yaml_aliases(tmp_path, capsys) -> None:
+    """Recipes with anchors and aliases anywhere: refused in one line, before anything expands."""
+    import random
+
+    from vitcompress.study import load_recipe
+
+    rng = random.Random(3)
+    counts = {"cases": 0, "refused": 0}
+    for i in range(60):
+        width, depth = rng.randrange(2, 12), rng.randrange(1, 10)
+        lines = ["name: alias", f"a0: &a0 [{', '.join(['x'] * width)}]"]
+        lines += [f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * width)}]" for k in range(1, depth)]
+        where = rng.choice(["baseline: {model: vitc_micro, model_kwargs: {x: *A}}",
+                            "baseline: {model: vitc_micro}\nexperiments: [{name: e, steps: *A}]",
+                            "baseline: {model: vitc_micro}\ndescription: *A"])
+        lines.append(where.replace("*A", f"*a{depth - 1}"))
+        path = tmp_path / f"r{i}.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        counts["cases"] += 1
+        with pytest.raises(VitcompressError, match="may not use YAML aliases"):
+            load_recipe(path)
+        counts["refused"] += 1
+    _report(capsys, "YAML aliases", counts)
+    assert counts["refused"] == counts["cases"]
+
+
+NUMERIC_PATHS = [("seed",), ("data", "calib_images"), ("baseline", "img_size"), ("baseline", "train", "epochs"),
+                 ("baseline", "train", "lr"), ("baseline", "train", "batch_size"), ("baseline", "train", "warmup_epochs"),
+                 ("measure", "batch_size"), ("measure", "eval_batch_size"), ("measure", "threads"),
+                 ("measure", "repeats"), ("measure", "min_repeat_seconds"), ("measure", "latency_samples"),
+                 ("measure", "interleave_group"), ("measure", "test_subset")]
+
+
+def test_fuzz_out_of_range_numbers(capsys) -> None:
+    """Huge, negative, infinite and NaN numbers in every numeric recipe field: parsed, or refused in one line,
+    fast; whatever parses stays within what a study can run (finite, bounded)."""
+    import math
+    import random
+
+    rng = random.Random(4)
+    values = [2**64, 2**53 + 1, -(2**63), 10**18, -1, 0, float("inf"), float("-inf"), float("nan"), 1e308, -1e-300,
+              10**6, 1024, 1.5]
+    counts = {"cases": 0, "refused": 0, "parsed": 0}
+    for _ in range(300):
+        d = tiny_recipe_dict()
+        path, value = rng.choice(NUMERIC_PATHS), rng.choice(values)
+        node = d
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+        counts["cases"] += 1
+        t = time.perf_counter()
+        try:
+            recipe = parse_recipe(d)
+            counts["parsed"] += 1
+            for section in (recipe.measure, recipe.baseline.train, recipe.data):
+                for v in vars(section).values():
+                    if isinstance(v, float):
+                        assert math.isfinite(v)
+                    if isinstance(v, int) and not isinstance(v, bool):
+                        assert abs(v) <= 2**53
+        except VitcompressError as exc:
+            assert "\n" not in str(exc)
+            counts["refused"] += 1
+        assert time.perf_counter() - t < 10
+    _report(capsys, "out-of-range numbers", counts)
+    assert counts["refused"] > counts["cases"] // 2

@@ -386,11 +386,18 @@ class _Stored:
 def read_meta(art_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(art_dir) / META_FILE
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VitcompressError(f"{art_dir} is not a vitcompress artifact (no {META_FILE}); pass an artifact folder") from None
-    except json.JSONDecodeError as exc:
-        raise VitcompressError(f"{path} is corrupt ({exc.msg}); delete the artifact folder and re-run the study") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise VitcompressError(f"{path} is corrupt ({why}); a study rebuilds the artifact when run again, or delete "
+                               f"{art_dir}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or not isinstance(
+            meta.get("steps", []), list):
+        raise VitcompressError(f"{path} is not a vitcompress artifact's meta (no model, or steps not a list); a "
+                               f"study rebuilds the artifact when run again, or delete {art_dir}")
+    return meta
 
 
 def _open(path: Path, use: Any) -> Any:
@@ -447,15 +454,22 @@ def load_artifact(art_dir: str | os.PathLike, *, verify: bool = True) -> nn.Modu
     if verify:
         verify_artifact(art_dir)
     meta = read_meta(art_dir)
-    spec_data = dict(meta["model"])
-    spec_data["pretrained"] = False
-    spec_data["checkpoint"] = None
-    model = create_model(ModelSpec(**spec_data))
-    for i, step in enumerate(meta.get("steps", [])):
-        method = get_method(step["method"])
-        if method.restore is not None:
-            cfg = parse_config(step["method"], step["config"], f"{art_dir}/meta.json steps[{i}]")
-            model = method.restore(model, cfg, step.get("meta", {}))
+    try:
+        spec_data = dict(meta["model"])
+        spec_data["pretrained"] = False
+        spec_data["checkpoint"] = None
+        model = create_model(ModelSpec(**spec_data))
+        for i, step in enumerate(meta.get("steps", [])):
+            method = get_method(step["method"])
+            if method.restore is not None:
+                cfg = parse_config(step["method"], step["config"], f"{art_dir}/meta.json steps[{i}]")
+                model = method.restore(model, cfg, step.get("meta", {}))
+    except VitcompressError:
+        raise
+    except Exception as exc:  # a meta.json edited or damaged past its JSON: it describes no model we can build
+        raise VitcompressError(
+            f"{Path(art_dir) / META_FILE} does not describe a model this version can build ({type(exc).__name__}: "
+            f"{str(exc)[:120]}); a study rebuilds the artifact when run again, or delete {art_dir}") from None
     own = model.state_dict()
     state = OrderedDict((key, _like(value, own.get(key))) for key, value in read_state(art_dir).items())
     # Module versions steer how quantized modules read their entries; they are not in the file
