@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create .venv with Python 3.11 (torch 2.14.1 / torchvision 0.29.1 are pinned) and
-# install Fashion-MNIST from Debian's dataset-fashion-mnist package when it is missing.
+# Both create .venv with Python 3.11, install the project with the versions in constraints.txt (torch
+# 2.14.1 / torchvision 0.29.1 come from this machine's disk), and install Fashion-MNIST from Debian's
+# dataset-fashion-mnist package when it is missing.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,12 +9,27 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# What `make` installs: the runtimes the demo measures on (OpenVINO), search, the Hugging Face path,
+# experiment tracking and the tests. Not diffq (CC BY-NC 4.0, non-commercial: pip install -e '.[diffq]'),
+# not ray (pip install -e '.[ray]').
+EXTRAS ?= test,openvino,search,hf,tracking
+# PyTorch's CPU-only wheels: on a machine without an NVIDIA GPU, torch and torchvision come from here
+# when it answers (a few hundred MB instead of several GB of CUDA libraries); else from the usual index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
 .PHONY: demo test data venv lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,diffq,hf]'
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && curl -fsI --max-time 5 $(TORCH_CPU_INDEX)/torch/ >/dev/null 2>&1; then \
+		echo "no NVIDIA GPU: installing the CPU build of torch from $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install --disable-pip-version-check -q --index-url $(TORCH_CPU_INDEX) \
+			"torch==$$(sed -n 's/^torch==//p' constraints.txt)+cpu" \
+			"torchvision==$$(sed -n 's/^torchvision==//p' constraints.txt)+cpu" \
+			|| echo "the CPU build could not be installed; the default build is used"; \
+	fi
+	$(PIP) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -27,7 +43,7 @@ data: $(FMNIST)
 
 demo: venv data
 	$(VENV)/bin/vitcompress study quick --out runs/quick
-	@echo "report: runs/quick/report.md (plots in runs/quick/plots/)"
+	@echo "report: runs/quick/report.md and runs/quick/report.html (plots in runs/quick/plots/)"
 
 test: venv data
 	$(PY) -m pytest -q

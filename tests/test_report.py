@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from pathlib import Path
@@ -176,7 +177,7 @@ def test_markdown_escapes_pipe_in_names(rows: list[dict[str, Any]]) -> None:
     assert "Int8 | dynamic" not in markdown
     # Every table line still has exactly one cell per header.
     table_lines = [line for line in _section(markdown, "Results").splitlines() if line.startswith("|")]
-    assert {len(re.split(r"(?<!\\)\|", line)) for line in table_lines} == {14}  # 12 columns, ± SE among them
+    assert {len(re.split(r"(?<!\\)\|", line)) for line in table_lines} == {15}  # 13 columns: ± SE and Family too
 
 
 def test_markdown_meta_and_env_fallback(rows: list[dict[str, Any]]) -> None:
@@ -347,27 +348,53 @@ def test_notes_are_listed_under_the_table_in_markdown_and_terminal(rows: list[di
 def test_render_terminal_table_has_main_columns_and_ok_rows(rows: list[dict[str, Any]]) -> None:
     table = render_terminal_table(rows)
     headers = [str(column.header) for column in table.columns]
-    assert headers[:6] == [
-        "Model",
-        "Method",
-        "Accuracy (%)",
-        "GPU Speed (img/s)",
-        "CPU Speed (img/s)",
-        "Size (MB)",
-    ]
+    # No GPU column without a GPU speed; the model (shared by every row) in the title.
+    assert headers == ["Method", "Family", "Acc%", "Δpt", "img/s", "Speed", "MB", "Size", "Runtime", "Int"]
+    assert str(table.title) == "vitcompress study (vit_quick)"
     assert table.row_count == 3
-    methods = [str(cell) for cell in table.columns[1].cells]
+    methods = [str(cell) for cell in table.columns[0].cells]
     assert methods == ["Vanilla ViT", "Int8 | dynamic", "Pruned 50%"]
-    assert [str(cell) for cell in table.columns[headers.index("Size ratio")].cells][1] == "50.0%"
+    assert [str(c) for c in table.columns[1].cells] == ["Baseline", "int8_dynamic", "Baseline"]  # unknown: as named
+    assert [str(cell) for cell in table.columns[headers.index("Size")].cells][1] == "50.0%"
     assert "TensorRT int8" in str(table.caption)
     assert "CPU speed-up: vs Vanilla ViT on torch-eager-cpu" in str(table.caption)
+    rows[1]["gpu_img_s"] = 1234.5
+    assert "GPU/s" in [str(c.header) for c in render_terminal_table(rows).columns]
+
+
+def test_terminal_table_fits_120_columns_without_wrapping_a_method_name() -> None:
+    """The committed quick study (14 rows) and fashion-mnist study (40 rows), at 120 columns."""
+    from rich.console import Console
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    for study in ("quick", "fashion-mnist"):
+        rows = read_results(root / study / "results.jsonl")
+        console = Console(width=120, record=True, file=io.StringIO())
+        console.print(render_terminal_table(rows))
+        lines = console.export_text().splitlines()
+        assert max(len(line) for line in lines) <= 120, study
+        body = "\n".join(lines)
+        assert "…" not in body  # nothing cut short
+        for row in rows:
+            if row.get("status", "ok") == "ok":
+                assert row["name"] in body, (study, row["name"])  # on one line: not wrapped
+
+
+def test_method_family_names_the_chain() -> None:
+    from vitcompress.report.table import method_family
+
+    assert method_family({"baseline": True, "steps": []}) == "Baseline"
+    row = {"steps": [{"method": "prune.structured"}, {"method": "ptq.static"}]}
+    assert method_family(row) == "Pruning + Quantization (PTQ)" and method_family(row, short=True) == "Prune+PTQ"
+    assert method_family({"steps": [{"method": "distill"}, {"method": "ptq.dynamic"}]}) == \
+        "Knowledge Distillation + Quantization (PTQ)"
 
 
 def test_render_terminal_table_names_the_speed_reference(rows: list[dict[str, Any]]) -> None:
     table = render_terminal_table(_multi_runtime_rows(rows))
     headers = [str(column.header) for column in table.columns]
-    assert EAGER_COLUMN in headers
-    assert [str(c) for c in table.columns[headers.index(EAGER_COLUMN)].cells][1] == "4.00×"
+    assert "×eager" in headers  # EAGER_COLUMN, shortened
+    assert [str(c) for c in table.columns[headers.index("×eager")].cells][1] == "4.00×"
     assert "vs Vanilla ViT on openvino-cpu-bf16 (its fastest float runtime)" in str(table.caption)
 
 

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+
+pytest.importorskip("optuna")  # the search extra
 from conftest import tiny_recipe_dict
 
 import vitcompress.data.source as data_source

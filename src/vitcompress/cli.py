@@ -25,16 +25,21 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from .study import load_recipe, run_study
 
     recipe = _with_data(load_recipe(args.recipe), args.data)
-    # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    # Piped output (CI logs, `| tee`) gets a table 120 columns wide instead of rich's 80-column default.
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    quiet = {"log": lambda message: None} if args.quiet else {}
     result = run_study(recipe, args.out, data_root=args.data_root, download=args.download or None,
-                       progress=not args.no_progress, debug=args.debug, executor=args.executor,
-                       address=args.address, keep_train_state=args.keep_train_state)
+                       progress=not (args.no_progress or args.quiet), debug=args.debug, executor=args.executor,
+                       address=args.address, keep_train_state=args.keep_train_state, **quiet)
     if not result.report:  # a non-main process of `accelerate launch`: the main one prints
         return 0
-    console.print(render_terminal_table(result.rows))
+    if not args.quiet:
+        console.print(render_terminal_table(result.rows))
     console.print(f"report: {result.report['report']}")
-    return 0
+    failed = [r["name"] for r in result.rows if r.get("status") == "failed"]
+    if failed:
+        print(f"{len(failed)} experiment(s) failed: {', '.join(failed)} (the report says why)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _with_data(recipe: Any, data: str | None) -> Any:
@@ -174,7 +179,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitcompress", description="Compress Vision Transformers and measure the result.")
+    from . import __version__
+
+    p = argparse.ArgumentParser(
+        prog="vitcompress", description="Compress Vision Transformers and measure the result.",
+        epilog="exit status: 0 done; 1 an experiment failed (its row says why); 2 bad input or environment (one "
+               "line says what to do); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): run the same command "
+               "again to resume")
+    p.add_argument("--version", action="version", version=f"vitcompress {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks and stop at the first failed experiment")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -187,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-root", default=None, help="folder holding the dataset files")
     s.add_argument("--download", action="store_true", help="download the dataset when online")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true", help="print only the report's path, warnings and errors")
     s.add_argument("--keep-train-state", action="store_true",
                    help="keep each training's last checkpoint (train_state.pt) after its model is saved")
     s.add_argument("--executor", choices=("local", "ray"), default="local",

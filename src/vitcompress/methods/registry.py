@@ -49,6 +49,17 @@ class MethodSpec:
     produces_int_weights: bool = False
     supports: str = "any model"  # the architectures it runs on, in words (`vitcompress list`)
     requires: RequiresFn | None = None
+    # An optional package the method needs (import name, and the extra that installs it with why it is
+    # optional); a study records a row whose step lacks it as skipped, with how to install it.
+    package: tuple[str, str] | None = None
+
+    def missing_package(self) -> str | None:
+        """How to install the optional package this method needs, when it is not installed; else None."""
+        import importlib.util
+
+        if self.package is None or importlib.util.find_spec(self.package[0]) is not None:
+            return None
+        return self.package[1]
 
     def problem(self, model: nn.Module, config: Any, example_shape: tuple[int, ...] | None = None) -> str | None:
         """Why this method cannot run on ``model`` with ``config``, or None."""
@@ -68,6 +79,7 @@ def register_method(
     produces_int_weights: bool = False,
     supports: str = "any model",
     requires: RequiresFn | None = None,
+    package: tuple[str, str] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator: register ``apply`` under ``name`` (e.g. ``ptq.dynamic``); ``requires`` says, for a model
     and a config, why the method cannot run on it (``supports`` says the same in words)."""
@@ -76,7 +88,7 @@ def register_method(
         if name in METHODS:
             raise RuntimeError(f"method {name} registered twice")
         METHODS[name] = MethodSpec(name, family, summary, config_cls, apply, restore, produces_int_weights,
-                                   supports, requires)
+                                   supports, requires, package)
         return apply
 
     return deco

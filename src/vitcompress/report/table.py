@@ -33,6 +33,7 @@ DASH = "—"
 _MAIN_COLUMNS: tuple[tuple[str, bool], ...] = (
     ("Model", False),
     ("Method", False),
+    ("Family", False),
     ("Accuracy (%)", True),
     ("GPU Speed (img/s)", True),
     ("CPU Speed (img/s)", True),
@@ -294,6 +295,32 @@ def _times(value: float | None) -> str:
     return DASH if value is None else f"{value:.2f}×"
 
 
+# A chain's steps -> the study's "Method" families (long for reports, short for the terminal), by name prefix.
+_FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ("ptq.", "Quantization (PTQ)", "PTQ"),
+    ("qat.", "Quantization (QAT)", "QAT"),
+    ("distill", "Knowledge Distillation", "KD"),
+    ("train", "Training (control)", "Train"),
+    ("prune.", "Pruning", "Prune"),
+    ("tokens.", "Pruning (token merging)", "Merge"),
+    ("lowrank.", "Low-rank approximation", "Low-rank"),
+)
+
+
+def method_family(row: Mapping[str, Any], *, short: bool = False) -> str:
+    """The study's "Method" family of a row's chain ("Pruning + Quantization (PTQ)"); "Baseline" without steps."""
+    steps = row.get("steps") or []
+    if row.get("baseline") or not steps:
+        return "Baseline"
+    names: list[str] = []
+    for step in steps:
+        method = str(step.get("method", "") if isinstance(step, Mapping) else step)
+        family = next(((s if short else long) for prefix, long, s in _FAMILIES if method.startswith(prefix)), method)
+        if family and family not in names:
+            names.append(family)
+    return ("+".join(names) if short else " + ".join(names)) or DASH
+
+
 def accuracy_se(top1: Any, n: Any) -> float | None:
     """The binomial standard error of a top-1 accuracy in percent measured on ``n`` images, in points."""
     p, count = finite_number(top1), finite_number(n)
@@ -320,6 +347,7 @@ def _main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None,
     return [
         str(row.get("model") or DASH),
         method,
+        method_family(row),
         _fmt(row.get("top1"), 2),
         *se,
         _fmt(row.get("gpu_img_s"), 1),
@@ -468,6 +496,7 @@ def _legend(has_pareto: bool, has_top5: bool, speed_ref: SpeedReference | None =
     lines = [
         "- **Model**: the architecture the experiment started from.",
         "- **Method**: the experiment's name; its compression steps are in `results.csv` (column `steps`).",
+        "- **Family**: the kind of compression its steps are, as the study groups them (a chain lists each).",
         "- **Accuracy (%)**: top-1 accuracy on the test split, in percent.",
         f"- **{SE_COLUMN}**: its binomial standard error, √(p(1−p)/n) in points for n test images: two rows "
         "closer than about twice this are not told apart by this test split.",
@@ -571,13 +600,20 @@ def render_markdown(
                 for row in warned for text in row["warnings"]]
         out.append("")
 
+    skipped = [row for row in failed if row.get("status") == "skipped"]
+    failed = [row for row in failed if row.get("status") != "skipped"]
     if failed:
         out += ["## Failed experiments", ""]
         for row in failed:
             status = row.get("status") or "failed"
             error = row.get("error") or "no error message recorded"
             prefix = "" if status == "failed" else f"{status}: "
-            out.append(f"- **{_md(row.get('name', DASH))}**: {prefix}{' '.join(str(error).split())}")
+            out.append(f"- **{_md(row.get('name', DASH))}**: {prefix}{_md(' '.join(str(error).split()))}")
+        out.append("")
+    if skipped:
+        out += ["## Skipped experiments", ""]
+        out += [f"- **{_md(row.get('name', DASH))}**: {_md(' '.join(str(row.get('error') or '').split()))}"
+                for row in skipped]
         out.append("")
 
     columns = _detail_columns(finished)
@@ -646,25 +682,62 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
 # --------------------------------------------------------------------------- terminal
 
 
+_SHORT_RUNTIMES = (("torch-eager", "eager"), ("torch-compile", "compile"), ("onnxruntime", "ort"),
+                   ("openvino", "ov"))
+
+
+def _short_runtime(label: Any) -> str:
+    """``openvino-cpu-bf16`` -> ``ov bf16``, ``torch-eager-cpu`` -> ``eager``: the terminal's runtime column."""
+    text = str(label or DASH)
+    for long, short in _SHORT_RUNTIMES:
+        if text.startswith(long):
+            rest = text[len(long):].removeprefix("-cpu").strip("-").replace("-", " ")
+            return f"{short} {rest}".strip()
+    return text
+
+
 def render_terminal_table(rows: list[dict[str, Any]]) -> Table:
-    """The main table as a ``rich`` table for the CLI; failed experiments go in the caption."""
+    """The main table for the CLI, compact enough for 120 columns without wrapping a method name: short headers
+    (explained in the caption), the family's short name, the baseline's model in the title (the report has
+    each row's), the GPU column only when a GPU speed exists. Failed and skipped experiments, notes and
+    warnings go in the caption."""
     from rich.table import Table
     from rich.text import Text
 
     reference = reference_row(rows)
     speed_ref = speed_reference(reference)
-    table = Table(title="vitcompress study")
-    for header, right in main_columns(speed_ref):
-        table.add_column(header, justify="right" if right else "left")
-    for row in rows:
-        if is_ok(row):
-            # Text(), not str: a "[" in a name would otherwise be read as rich markup.
-            style = "bold" if row is reference else None
-            table.add_row(*(Text(cell) for cell in _main_cells(row, reference, speed_ref)), style=style)
+    finished = [row for row in rows if is_ok(row)]
+    model = (reference or {}).get("model") or common_value(finished, "model")
+    gpu = any(finite_number(row.get("gpu_img_s")) is not None for row in finished)
+    eager = speed_ref.eager_img_s is not None
+    title = "vitcompress study" + (f" ({model})" if model else "")
+    table = Table(title=title, box=None, pad_edge=False, collapse_padding=True, padding=(0, 1),
+                  header_style="bold underline")
+    columns = [("Method", False), ("Family", False), ("Acc%", True), ("Δpt", True), ("img/s", True),
+               ("Speed", True)] + ([("×eager", True)] if eager else []) + (
+              [("GPU/s", True)] if gpu else []) + [("MB", True), ("Size", True), ("Runtime", False),
+                                                   ("Int", False)]
+    for header, right in columns:
+        table.add_column(header, justify="right" if right else "left", no_wrap=True)
+    headers = [h for h, _ in main_columns(speed_ref)]
+    for row in finished:
+        cells = dict(zip(headers, _main_cells(row, reference, speed_ref)))
+        values = [cells["Method"], method_family(row, short=True),
+                  cells["Accuracy (%)"], cells["Δ Acc (pt)"], cells["CPU Speed (img/s)"], cells["CPU speed-up (×)"]]
+        values += [cells[EAGER_COLUMN]] if eager else []
+        values += [cells["GPU Speed (img/s)"]] if gpu else []
+        values += [cells["Size (MB)"], cells["Size ratio"], _short_runtime(row.get("runtime")),
+                   cells["Int arithmetic"]]
+        # Text(), not str: a "[" in a name would otherwise be read as rich markup.
+        table.add_row(*(Text(v) for v in values), style="bold" if row is reference else None)
     caption = Text()
     if reference is not None and speed_ref.runtime:
         caption.append(f"CPU speed-up: vs {reference.get('name', DASH)} on {speed_ref.runtime}"
-                       + (" (its fastest float runtime)" if len(speed_ref.measured_on) > 1 else ""))
+                       + (" (its fastest float runtime)" if len(speed_ref.measured_on) > 1 else "")
+                       + ("; vs eager: the same ratio against its eager PyTorch speed" if eager else ""))
+        caption.append("\nimg/s: CPU images/s; Speed: CPU speed-up; Δpt: accuracy change in points; Size: of the "
+                       "baseline's file; Runtime: eager/compile = PyTorch, ort = ONNX Runtime, ov = OpenVINO; Int: "
+                       "integer kernels ran; the report has the models and the rest")
     for row in rows:
         if row.get("note"):
             if caption:
@@ -677,14 +750,13 @@ def render_terminal_table(rows: list[dict[str, Any]]) -> Table:
                 caption.append("\n")
             caption.append(f"warning, {row.get('name', DASH)}: ", style="yellow")
             caption.append(" ".join(str(text).split()))
-    failed = [row for row in rows if not is_ok(row)]
-    if failed:
-        if caption:
-            caption.append("\n")
-        caption.append("Failed: ", style="red")
-        caption.append(
-            "; ".join(f"{row.get('name', DASH)} ({row.get('error') or 'no message'})" for row in failed)
-        )
+    for status, style in (("failed", "red"), ("skipped", "yellow")):
+        these = [row for row in rows if not is_ok(row) and (row.get("status") == "skipped") == (status == "skipped")]
+        if these:
+            if caption:
+                caption.append("\n")
+            caption.append(f"{status.capitalize()}: ", style=style)
+            caption.append("; ".join(f"{row.get('name', DASH)} ({row.get('error') or 'no message'})" for row in these))
     if caption:
         table.caption = caption
     return table

@@ -161,8 +161,11 @@ def _set_constraints(trial: Any, violations: list[float]) -> None:
 def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int | None = None,
                data_root: str | None = None, progress: bool = True, log: Any = None) -> SearchResult:
     """Run (or resume) the search a recipe's ``search`` section describes."""
-    import optuna
-    from optuna.trial import TrialState
+    try:
+        import optuna
+        from optuna.trial import TrialState
+    except ImportError:
+        raise VitcompressError("vitcompress search needs Optuna: pip install 'vitcompress[search]'") from None
 
     if recipe.search is None:
         raise VitcompressError(f"recipe '{recipe.name}' has no 'search' section; add one (see README: Search)")

@@ -513,6 +513,9 @@ class Study:
         A failed baseline raises instead: nothing else can run without it.
         """
         t0 = time.perf_counter()
+        missing = next((m for m in (get_method(s.method).missing_package() for s in exp.steps) if m), None)
+        if missing is not None:  # an opt-in package: the row says how to get it, and nothing failed
+            return self._failed_row(exp, missing, 0.0) | {"status": "skipped"}
         try:
             model, art = self._materialize(exp.steps)
             if not dist.is_main():
@@ -551,7 +554,8 @@ class Study:
                 raise
             raise StorageError(self.results_path, fault) from exc
         status = (f"top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.2f} MB  "
-                  f"cpu {row['cpu_img_s']:.1f} img/s" if row["status"] == "ok" else f"FAILED: {row['error']}")
+                  f"cpu {row['cpu_img_s']:.1f} img/s" if row["status"] == "ok" else
+                  f"{'skipped' if row['status'] == 'skipped' else 'FAILED'}: {row['error']}")
         self.log(f"  {row['name']}: {status}")
 
     def _set_aside(self, art: Path) -> Path:
@@ -602,9 +606,10 @@ class Study:
                 self._check_data()
                 self.log(f"inputs: {self.preprocess.describe()}")
             todo = self.pending()
+            progress = _Progress(len(todo), self.log)
             # The baseline runs here in every executor: each chain starts from its saved model.
             if todo and not todo[0].steps:
-                self.log(f"▶ {todo[0].name}")
+                progress.start(todo[0].name)
                 self._record(self.run_experiment(todo.pop(0)))
             if executor == "ray" and todo:
                 from .executors import run_on_ray
@@ -612,7 +617,7 @@ class Study:
                 run_on_ray(self, todo, address, self._record)
             else:
                 for exp in todo:
-                    self.log(f"▶ {exp.name}")
+                    progress.start(exp.name)
                     self._record(self.run_experiment(exp))
             dist.barrier()
             rows = load_rows(self.results_path)
@@ -630,6 +635,25 @@ class Study:
                     "dataset": self.recipe.data.name, **self._data_meta()}
             report = render_run(self.run_dir, rows, meta)
         return StudyResult(self.run_dir, rows, report)
+
+
+class _Progress:
+    """The study's overall progress line: experiment k of n, time elapsed, and the time left at the pace so far."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.log, self.done = total, log, 0
+        self.t0 = time.perf_counter()
+
+    def start(self, name: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        left = f", ~{_clock(elapsed / self.done * (self.total - self.done))} left" if self.done else ""
+        self.done += 1
+        self.log(f"▶ [{self.done}/{self.total}] {name}  ({_clock(elapsed)} elapsed{left})")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def _set_notes(rows: list[dict[str, Any]], notes: dict[str, str]) -> bool:

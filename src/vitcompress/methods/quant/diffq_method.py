@@ -283,6 +283,8 @@ def export_packed(model: nn.Module, quantizer: Any, cfg: DiffqConfig) -> tuple[n
     produces_int_weights=True,
     supports=SWAPPABLE_LINEARS,
     requires=needs_swappable_linears,
+    package=("diffq", "diffq is not installed: it is CC BY-NC 4.0 (non-commercial) and opt-in; "
+                      "pip install 'vitcompress[diffq]' to run this row")
 )
 def diffq_qat(model: nn.Module, cfg: DiffqConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu()
