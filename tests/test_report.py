@@ -407,8 +407,11 @@ def test_plot_uses_log_axis_only_for_wide_ranges(rows: list[dict[str, Any]]) -> 
     ax = _figure_accuracy_vs(rows, "size_mb").axes[0]
     assert ax.get_xscale() == "log"
     assert "MB" in ax.get_xlabel() and "%" in ax.get_ylabel()
-    labels = {text.get_text() for text in ax.texts}
-    assert labels == {"Vanilla ViT", "Int8 | dynamic", "Pruned 50%"}  # failed row has no point
+    fig = _figure_accuracy_vs(rows, "size_mb")
+    numbers = {text.get_text() for text in fig.axes[0].texts}
+    key = {text.get_text() for text in fig.axes[1].texts}
+    assert numbers == {"1", "2", "3"}  # failed row has no point
+    assert key == {" 1  Vanilla ViT", " 2  Int8 | dynamic", " 3  Pruned 50%"}
     with pytest.raises(ValueError, match="size_mb"):
         _figure_accuracy_vs(rows, "gpu")
 
@@ -435,3 +438,37 @@ def test_write_report_writes_all_files(rows: list[dict[str, Any]], tmp_path: Pat
     assert "](plots/accuracy_vs_cpu_speed.png)" in report
     with paths["csv"].open(encoding="utf-8", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 4
+
+
+@pytest.mark.parametrize("n", [14, 47])
+def test_plot_numbers_never_overlap_at_14_or_47_rows(n: int) -> None:
+    """Crowded studies: points in tight clusters (the quick demo has 14 rows, the fashion-mnist study 47)."""
+    import random
+
+    rng = random.Random(n)
+    rows = [_row("Vanilla ViT", baseline=True, top1=90.0, size_bytes=2_000_000, cpu_img_s=3000.0)]
+    centres = [(0.5e6, 89.5, 3000.0), (2.0e6, 89.9, 3300.0), (1.0e6, 86.0, 6000.0)]
+    for i in range(n - 1):
+        size, acc, speed = centres[i % len(centres)]
+        rows.append(_row(f"Experiment number {i} with a long name", method="x", steps=[{"method": "ptq.static"}],
+                         top1=acc + rng.uniform(-0.15, 0.15), size_bytes=size * rng.uniform(0.97, 1.03),
+                         cpu_img_s=speed * rng.uniform(0.97, 1.03)))
+    for x in ("size_mb", "cpu_img_s"):
+        fig = _figure_accuracy_vs(rows, x)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax, key = fig.axes[:2]
+        from matplotlib.text import Text
+
+        boxes = []
+        for t in ax.texts:  # the numbers, not their leader lines
+            t.update_positions(renderer)
+            boxes.append(Text.get_window_extent(t, renderer))
+        assert len(boxes) == n
+        inside = ax.get_window_extent(renderer)
+        for i, a in enumerate(boxes):
+            assert inside.x0 - 1 <= a.x0 and a.x1 <= inside.x1 + 1 and inside.y0 - 1 <= a.y0 and a.y1 <= inside.y1 + 1
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (x, a, b)
+        names = [t.get_text() for t in key.texts]
+        assert len(names) == n and all(any(r["name"] in k for k in names) for r in rows)

@@ -1,4 +1,4 @@
-"""Accuracy-versus-cost scatter plots of a study, one labelled point per finished experiment.
+"""Accuracy-versus-cost scatter plots of a study: one numbered point per finished experiment, named in a key.
 
 Uses matplotlib's object API with the Agg canvas directly rather than pyplot, so
 making a plot never changes the process-wide backend or leaves figures open.
@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcompress.report.table import common_value, finite_number, is_ok, reference_row
+from vitcompress.report.table import common_value, finite_number, is_ok, method_family, reference_row
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 # A wider range than this is unreadable on a linear axis: the small points pile up at zero.
 _LOG_RANGE = 10.0
-_MAX_LABEL = 28
 
 
 def _size_mb(row: Mapping[str, Any]) -> float | None:
@@ -40,90 +39,80 @@ _AXES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str, str]] =
 }
 
 
-def _short(name: str) -> str:
-    return name if len(name) <= _MAX_LABEL else name[: _MAX_LABEL - 1] + "…"
-
-
-# Label positions tried around a point, best first: (dx, dy) in points, then alignment.
-_CANDIDATES: tuple[tuple[float, float, str, str], ...] = (
-    (7, 3, "left", "bottom"),
-    (7, -3, "left", "top"),
-    (-7, 3, "right", "bottom"),
-    (-7, -3, "right", "top"),
-    (0, 8, "center", "bottom"),
-    (0, -8, "center", "top"),
-    (7, 13, "left", "bottom"),
-    (7, -13, "left", "top"),
-    (-7, 13, "right", "bottom"),
-    (-7, -13, "right", "top"),
-)
-
-
 def _overlap(a: Bbox, b: Bbox) -> float:
     width = min(a.x1, b.x1) - max(a.x0, b.x0)
     height = min(a.y1, b.y1) - max(a.y0, b.y0)
     return max(width, 0.0) * max(height, 0.0)
 
 
-def _distance(px: float, py: float, box: Bbox) -> float:
-    dx = max(box.x0 - px, 0.0, px - box.x1)
-    dy = max(box.y0 - py, 0.0, py - box.y1)
-    return math.hypot(dx, dy)
+# Point colours by the study's method family (the baseline is a red star).
+_FAMILY_COLORS: dict[str, str] = {
+    "Quantization (PTQ)": "tab:blue", "Quantization (QAT)": "tab:cyan", "Knowledge Distillation": "tab:green",
+    "Training (control)": "tab:olive", "Pruning": "tab:orange", "Pruning (token merging)": "tab:brown",
+    "Low-rank approximation": "tab:purple",
+}
 
 
-def _place_labels(fig: Figure, ax: Axes, points: Sequence[tuple[float, float, Any]], reference: Any) -> None:
-    """Name each point, choosing for each label the candidate spot that costs least.
+def _color(row: Mapping[str, Any]) -> str:
+    family = method_family(row).split(" + ")
+    return _FAMILY_COLORS.get(family[-1], "tab:gray")  # a chain: the colour of its last step
 
-    Greedy, in display pixels. A spot costs what it covers of markers, the
-    legend and earlier labels, what leaves the axes, and being nearer another
-    point than its own (a name next to the wrong point misleads more than an
-    overlap). Points of compressed models often sit close together, and fixed
-    offsets made their names unreadable.
+
+def pareto_front_2d(points: Sequence[tuple[float, float, Any]], *, smaller_x_is_better: bool) -> list[int]:
+    """Indices of the points no other point beats on both axes (higher accuracy, and smaller or larger x)."""
+    front = []
+    for i, (x, y, _) in enumerate(points):
+        beaten = any((xo <= x if smaller_x_is_better else xo >= x) and yo >= y and (xo != x or yo != y)
+                     for j, (xo, yo, _) in enumerate(points) if j != i)
+        if not beaten:
+            front.append(i)
+    return front
+
+
+# Where a point's number may go, nearest first: offsets in points around it (rings of 8 directions).
+_RINGS = [(r * math.cos(a), r * math.sin(a)) for r in (6, 11, 17, 24, 32, 42, 54, 68, 84, 102, 122, 144)
+          for a in (math.radians(d) for d in (30, 150, 210, 330, 90, 270, 0, 180, 60, 120, 240, 300))]
+
+
+def _place_numbers(fig: Figure, ax: Axes, points: Sequence[tuple[float, float, Any]], numbers: Sequence[str],
+                   reference: Any) -> list[Any]:
+    """Put each point's number where it covers no marker, no other number and stays in the axes.
+
+    Greedy, in display pixels, nearest free spot first; a number that lands away from its point gets a
+    thin leader line. Numbers, not names: a name list (the key) beside the plot stays readable at 47
+    rows, where names next to close points could not (the issue that asked for this saw them overlap).
     """
+    from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
     fig.canvas.draw()  # settles the layout and limits, so pixel positions are final
     renderer = fig.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
     pixels = [tuple(ax.transData.transform((xv, yv))) for xv, yv, _ in points]
-    taken = []
+    markers = []
     for (px, py), (_, _, row) in zip(pixels, points, strict=True):
-        radius = 9.0 if row is reference else 5.0
-        taken.append(Bbox.from_extents(px - radius, py - radius, px + radius, py + radius))
+        radius = 8.0 if row is reference else 4.5
+        markers.append(Bbox.from_extents(px - radius, py - radius, px + radius, py + radius))
+    taken = list(markers)
     legend = ax.get_legend()
     if legend is not None:
         taken.append(legend.get_window_extent(renderer))
-
-    # The reference first, so its label gets the best spot; then left to right.
+    placed = []
     order = sorted(range(len(points)), key=lambda i: points[i][2] is not reference)
     for index in order:
-        xv, yv, row = points[index]
-        px, py = pixels[index]
+        xv, yv, _ = points[index]
         best, best_cost = None, math.inf
-        for dx, dy, ha, va in _CANDIDATES:
-            far = abs(dy) > 10
-            label = ax.annotate(
-                _short(str(row.get("name", "?"))),
-                (xv, yv),
-                xytext=(dx, dy),
-                textcoords="offset points",
-                ha=ha,
-                va=va,
-                fontsize=8,
-                zorder=5,
-                # A thin leader ties a label that sits further out to its point.
-                arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6} if far else None,
-            )
-            # Out of the layout: constrained layout must not shrink the axes around labels.
+        for dx, dy in _RINGS:
+            label = ax.annotate(numbers[index], (xv, yv), xytext=(dx, dy), textcoords="offset points",
+                                ha="center", va="center", fontsize=7, zorder=6,
+                                arrowprops={"arrowstyle": "-", "color": "0.55", "linewidth": 0.5,
+                                            "shrinkA": 0, "shrinkB": 3} if math.hypot(dx, dy) > 12 else None)
             label.set_in_layout(False)
-            box = label.get_window_extent(renderer).padded(2)
+            # The number's own box: an Annotation's extent would include its leader line, which may cross.
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer).padded(1.5)
             outside = box.width * box.height - _overlap(box, inside)
-            own = _distance(px, py, box)
-            nearest_other = min(
-                (_distance(qx, qy, box) for i, (qx, qy) in enumerate(pixels) if i != index), default=math.inf
-            )
             cost = sum(_overlap(box, other) for other in taken) + 4 * outside
-            cost += 300 * max(0.0, own + 6 - nearest_other) + (1 if far else 0)
             if cost < best_cost:
                 if best is not None:
                     best[0].remove()
@@ -132,8 +121,10 @@ def _place_labels(fig: Figure, ax: Axes, points: Sequence[tuple[float, float, An
                 label.remove()
             if cost == 0:
                 break
-        if best is not None:
-            taken.append(best[1])
+        assert best is not None
+        taken.append(best[1])
+        placed.append(best[0])
+    return placed
 
 
 def _figure_accuracy_vs(rows: Sequence[Mapping[str, Any]], x: str) -> Figure:
@@ -142,20 +133,28 @@ def _figure_accuracy_vs(rows: Sequence[Mapping[str, Any]], x: str) -> Figure:
         raise ValueError(f"x must be one of {sorted(_AXES)}, got {x!r}")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     value_of, x_label, phrase = _AXES[x]
     reference = reference_row(rows)
+    numbered = [row for row in rows if is_ok(row)]  # the key's numbers follow the table's order
     points = []
-    for row in rows:
+    for number, row in enumerate(numbered, start=1):
         xv, yv = value_of(row), finite_number(row.get("top1"))
-        if is_ok(row) and xv is not None and yv is not None:
-            points.append((xv, yv, row))
-    points.sort(key=lambda point: point[0])
+        if xv is not None and yv is not None:
+            points.append((xv, yv, row, str(number)))
 
-    fig = Figure(figsize=(7.5, 4.8), dpi=130, layout="constrained")
+    per_column = 24
+    columns = max(1, math.ceil(len(points) / per_column))
+    # A key column as wide as its longest line (7.5 pt monospace: ~0.063 inch a character, and some room).
+    key_width = max(2.5, 0.075 * (5 + max((len(str(p[2].get("name", ""))) for p in points), default=10)))
+    fig = Figure(figsize=(7.5 + key_width * columns, max(4.8, 0.19 * min(len(points), per_column) + 1.2)),
+                 dpi=130, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    grid = fig.add_gridspec(1, 2, width_ratios=[7.5, key_width * columns])
+    ax, key = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+    key.axis("off")
 
     if x == "cpu_img_s":
         batch, threads = common_value(rows, "batch_size"), common_value(rows, "threads")
@@ -177,29 +176,47 @@ def _figure_accuracy_vs(rows: Sequence[Mapping[str, Any]], x: str) -> Figure:
         # Plain numbers at 1-2-5 steps: "10^-1" alone says little about a 0.23 MB model.
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         x_label += ", log scale"
+    ys = [point[1] for point in points]
+    if min(ys) > 0 and max(ys) / min(ys) > _LOG_RANGE:
+        ax.set_yscale("log")
     ax.set_xlabel(x_label)
 
-    others = [point for point in points if point[2] is not reference]
-    if others:
-        ax.scatter(
-            [p[0] for p in others],
-            [p[1] for p in others],
-            s=36,
-            color="tab:blue",
-            zorder=3,
-            label="compressed",
-        )
-    for xv, yv, row in points:
+    # The front of this plot's two axes: nothing both more accurate and smaller (faster) than these.
+    front = pareto_front_2d([(p[0], p[1], p[2]) for p in points], smaller_x_is_better=x == "size_mb")
+    fx = sorted((points[i][0], points[i][1]) for i in front)
+    if len(fx) > 1:
+        ax.plot([p[0] for p in fx], [p[1] for p in fx], drawstyle="steps-post" if x == "size_mb" else "steps-pre",
+                color="0.35", linestyle="--", linewidth=0.9, zorder=2)
+    for i, (xv, yv, row, _) in enumerate(points):
         if row is reference:
-            label = "baseline" if row.get("baseline") else "reference (first row)"
-            ax.scatter([xv], [yv], s=160, marker="*", color="tab:red", zorder=4, label=label)
+            ax.scatter([xv], [yv], s=170, marker="*", color="tab:red", edgecolors="black" if i in front else "none",
+                       linewidths=0.8, zorder=4)
             ax.axhline(yv, color="tab:red", linestyle=":", linewidth=1, alpha=0.6, zorder=1)
+        else:
+            ax.scatter([xv], [yv], s=34, color=_color(row), edgecolors="black" if i in front else "none",
+                       linewidths=1.0, zorder=3)
+    families = []
+    for _, _, row, _ in points:
+        if row is not reference and method_family(row).split(" + ")[-1] not in families:
+            families.append(method_family(row).split(" + ")[-1])
+    handles = [Line2D([], [], marker="*", linestyle="", markersize=11, color="tab:red", label="baseline")]
+    handles += [Line2D([], [], marker="o", linestyle="", color=_FAMILY_COLORS.get(f, "tab:gray"), label=f)
+                for f in families]
+    handles.append(Line2D([], [], color="0.35", linestyle="--", marker="o", markerfacecolor="white",
+                          markeredgecolor="black", label="Pareto front (these two axes)"))
+    ax.margins(x=0.08, y=0.12)
+    ax.legend(handles=handles, loc="best", fontsize=7, framealpha=0.85)
+    # The key: number, then the name in full, in the point's colour. Before the numbers are placed: the
+    # layout must be final when they are.
+    for k, (_, _, row, number) in enumerate(points):
+        col, line = divmod(k, per_column)
+        key.text(col / columns, 1 - (line + 0.5) / per_column, f"{number:>2}  {row.get('name', '?')}",
+                 transform=key.transAxes, fontsize=7.5, va="center", ha="left",
+                 color="tab:red" if row is reference else _color(row), fontfamily="monospace")
+    _place_numbers(fig, ax, [(p[0], p[1], p[2]) for p in points], [p[3] for p in points], reference)
 
-    # Room for labels next to the outermost points.
-    ax.margins(x=0.12, y=0.15)
-    ax.legend(loc="best", fontsize=8)
-    _place_labels(fig, ax, points, reference)
     return fig
 
 
