@@ -1,4 +1,4 @@
-"""Reports of a study: a Markdown report, a CSV and plots, rendered from ``results.jsonl`` alone.
+"""Reports of a study: a Markdown report, an HTML one, a CSV and plots, rendered from ``results.jsonl`` alone.
 
 Nothing here imports torch, and matplotlib and rich are only imported when a
 plot or a terminal table is made, so reading results stays fast.
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vitcompress.report.html import render_html
 from vitcompress.report.plots import plot_accuracy_vs
 from vitcompress.report.table import (
     read_results,
@@ -21,6 +22,7 @@ from vitcompress.report.table import (
 
 __all__ = [
     "plot_accuracy_vs",
+    "render_html",
     "read_results",
     "reference_row",
     "render_markdown",
@@ -42,7 +44,7 @@ def write_report(
     *,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``report.md``, ``results.csv`` and ``plots/*.png`` into a study's run folder.
+    """Write ``report.md``, ``report.html``, ``results.csv`` and ``plots/*.png`` into a study's run folder.
 
     Args:
         run_dir: the run folder; ``results.jsonl`` is read from it when ``rows`` is None.
@@ -50,7 +52,7 @@ def write_report(
         meta: how the study was run, rendered in the report's first section.
 
     Returns:
-        ``{"report": Path, "csv": Path, "plots": [Path, Path]}``.
+        ``{"report": Path, "html": Path, "csv": Path, "plots": [Path, Path]}``.
     """
     run_dir = Path(run_dir)
     if rows is None:
@@ -70,4 +72,6 @@ def write_report(
     title = f"vitcompress study: {recipe}" if recipe else "vitcompress study"
     report_path = run_dir / "report.md"
     report_path.write_text(render_markdown(rows, title=title, meta=meta, plots=links), encoding="utf-8")
-    return {"report": report_path, "csv": csv_path, "plots": plot_paths}
+    html_path = run_dir / "report.html"
+    html_path.write_text(render_html(rows, title=title, meta=meta), encoding="utf-8")
+    return {"report": report_path, "html": html_path, "csv": csv_path, "plots": plot_paths}

@@ -330,7 +330,7 @@ def accuracy_se(top1: Any, n: Any) -> float | None:
     return 100 * math.sqrt(p * (1 - p) / count)
 
 
-def _main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None,
+def main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None,
                 speed_ref: SpeedReference | None = None, *, with_se: bool = False) -> list[str]:
     """Plain-text cells of the main table, in ``main_columns(speed_ref, with_se=...)`` order."""
     ref = reference or {}
@@ -582,7 +582,7 @@ def render_markdown(
         columns = main_columns(speed_ref, with_se=True)
         headers = [header for header, _ in columns]
         right = [r for _, r in columns]
-        out += _md_table(headers, right, [_main_cells(row, reference, speed_ref, with_se=True) for row in finished])
+        out += _md_table(headers, right, [main_cells(row, reference, speed_ref, with_se=True) for row in finished])
     else:
         out.append("_No experiment finished._")
     out.append("")
@@ -721,7 +721,7 @@ def render_terminal_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(header, justify="right" if right else "left", no_wrap=True)
     headers = [h for h, _ in main_columns(speed_ref)]
     for row in finished:
-        cells = dict(zip(headers, _main_cells(row, reference, speed_ref)))
+        cells = dict(zip(headers, main_cells(row, reference, speed_ref)))
         values = [cells["Method"], method_family(row, short=True),
                   cells["Accuracy (%)"], cells["Δ Acc (pt)"], cells["CPU Speed (img/s)"], cells["CPU speed-up (×)"]]
         values += [cells[EAGER_COLUMN]] if eager else []
