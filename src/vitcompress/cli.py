@@ -25,6 +25,17 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from .study import load_recipe, run_study
 
     recipe = _with_data(load_recipe(args.recipe), args.data)
+    if args.log_with:
+        from dataclasses import replace
+
+        from .track import TRACKERS, TrackingConfig
+
+        names = [n.strip() for n in args.log_with.split(",") if n.strip()]
+        bad = [n for n in names if n not in (*TRACKERS, "all")]
+        if bad or not names:
+            raise VitcompressError(f"--log-with takes {', '.join(TRACKERS)} or all (comma-separated); got "
+                                   f"{args.log_with!r}")
+        recipe = replace(recipe, tracking=replace(recipe.tracking or TrackingConfig(), log_with=names))
     # Piped output (CI logs, `| tee`) gets a table 120 columns wide instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 120)
     quiet = {"log": lambda message: None} if args.quiet else {}
@@ -200,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true", help="download the dataset when online")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--quiet", action="store_true", help="print only the report's path, warnings and errors")
+    s.add_argument("--log-with", default=None, metavar="TRACKERS",
+                   help="log the run to experiment trackers: tensorboard, mlflow, wandb or all, comma-separated "
+                        "(local folders in the run folder by default; the recipe's tracking.log_with otherwise)")
     s.add_argument("--keep-train-state", action="store_true",
                    help="keep each training's last checkpoint (train_state.pt) after its model is saved")
     s.add_argument("--executor", choices=("local", "ray"), default="local",

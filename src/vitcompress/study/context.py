@@ -5,6 +5,7 @@ The test split is deliberately absent: no method can look at it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class StepContext:
     # What the step met that its row should say (a degenerate calibration set, ...); the study keeps them in
     # the artifact's meta and the row.
     warnings: list[str] = field(default_factory=list)
+    # Experiment tracking: a training's name -> what it reports to (a vitcompress.track.TrainLog); None: off.
+    train_log: Callable[[str], Any] | None = None
 
     def warn(self, text: str) -> None:
         if text not in self.warnings:
@@ -67,4 +70,5 @@ class StepContext:
             cfg = replace(cfg, **overrides)
         return fit(model, self.train_ds, cfg, work_dir=self.work_dir / "train", img_size=self.img_size,
                    in_chans=self.in_chans, seed=self.seed, loss_fn=loss_fn, desc=desc or self.name,
-                   progress=self.progress, extra_modules=extra_modules)
+                   progress=self.progress, extra_modules=extra_modules,
+                   train_log=self.train_log(self.name) if self.train_log is not None else None)

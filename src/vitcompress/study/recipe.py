@@ -30,6 +30,7 @@ from ..measure import MeasureConfig
 from ..methods import get_method, parse_config
 from ..models import ModelSpec, input_shape, is_known_model, structure_of, unknown_model_error
 from ..models.arch import machine_memory, memory_need
+from ..track import TrackingConfig
 from ..train import TrainConfig
 
 
@@ -90,6 +91,7 @@ class Recipe:
     experiments: tuple[Experiment, ...]
     source: str = ""
     search: Any = None  # vitcompress.search.SearchConfig, for `vitcompress search`
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # experiment tracking (off by default)
 
     def model_spec(self, num_classes: int | None = None, data_channels: int | None = None) -> ModelSpec:
         """The baseline as the recipe names it, its input size and channels resolved; the class count and
@@ -114,7 +116,7 @@ class Recipe:
         return _digest({"baseline": self.baseline_key(), "steps": [s.key_dict() for s in steps]})
 
 
-_TOP_KEYS = {"name", "description", "seed", "data", "baseline", "measure", "experiments", "search"}
+_TOP_KEYS = {"name", "description", "seed", "data", "baseline", "measure", "experiments", "search", "tracking"}
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_. -]{0,99}")
 
 
@@ -211,7 +213,9 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         from ..search.space import parse_search
 
         search = parse_search(data["search"], f"{source}: search")
-    recipe = Recipe(name.strip(), description, seed, data_cfg, baseline, measure, experiments, source, search)
+    tracking = from_dict(TrackingConfig, data.get("tracking"), f"{source}: tracking")
+    recipe = Recipe(name.strip(), description, seed, data_cfg, baseline, measure, experiments, source, search,
+                    tracking)
     check_models(recipe)
     return recipe
 

@@ -204,6 +204,8 @@ class Study:
         self._test: ImageTensorDataset | FileImages | None = None
         self._baseline: nn.Module | None = None
         self.run_key: str | None = None  # baseline and data fingerprint, set when the run checks its folder
+        self.tracking: Any = None  # vitcompress.track.Tracking while a run logs to trackers
+        self._building: str | None = None  # the experiment being built (names its trainings in the trackers)
 
     # ---- data -------------------------------------------------------------------------------
     @property
@@ -283,7 +285,24 @@ class Study:
             num_classes=self.spec.num_classes, seed=self.recipe.seed, work_dir=work_dir,
             baseline_train=self.recipe.baseline.train, teacher=self.baseline_model(),
             calib_images=self.recipe.data.calib_images, progress=self.progress, name=name,
+            train_log=self._train_log if self.tracking is not None else None,
         )
+
+    def _train_log(self, name: str) -> Any:
+        """What a training reports to the trackers; its name says which experiment's step it is."""
+        from ..track import TrainLog
+
+        cfg = self.recipe.tracking
+        val = self.test_ds.subset(torch.arange(min(cfg.val_images, len(self.test_ds)))) if cfg.val_images else None
+
+        def validate(model: nn.Module) -> float:
+            device = next(model.parameters()).device
+            return evaluate_accuracy(model, val, img_size=self.spec.img_size, in_chans=self.spec.in_chans,
+                                     batch_size=self.recipe.measure.eval_batch_size, device=str(device))["top1"]
+
+        label = name if self._building is None or name == "baseline" else f"{self._building}/{name}"
+        assert self.tracking is not None
+        return TrainLog(self.tracking, label, validate if val is not None else None)
 
     def baseline_model(self) -> nn.Module:
         if self._baseline is None:
@@ -371,7 +390,8 @@ class Study:
             from ..train import fit
 
             model = fit(model, self.train_ds, train, work_dir=art / "work" / "train", img_size=spec.img_size,
-                        in_chans=spec.in_chans, seed=self.recipe.seed, desc="baseline", progress=self.progress).model
+                        in_chans=spec.in_chans, seed=self.recipe.seed, desc="baseline", progress=self.progress,
+                        train_log=self._train_log("baseline") if self.tracking is not None else None).model
         meta = {"model": loaded.spec.to_dict() | {"checkpoint": None, "pretrained": False},
                 "preprocess": preprocess.to_dict(), "classes": list(self.source.classes),
                 "steps": [], "seconds": 0.0, "macs": None}
@@ -513,6 +533,7 @@ class Study:
         A failed baseline raises instead: nothing else can run without it.
         """
         t0 = time.perf_counter()
+        self._building = exp.name
         missing = next((m for m in (get_method(s.method).missing_package() for s in exp.steps) if m), None)
         if missing is not None:  # an opt-in package: the row says how to get it, and nothing failed
             return self._failed_row(exp, missing, 0.0) | {"status": "skipped"}
@@ -605,36 +626,63 @@ class Study:
             if dist.is_main():
                 self._check_data()
                 self.log(f"inputs: {self.preprocess.describe()}")
-            todo = self.pending()
-            progress = _Progress(len(todo), self.log)
-            # The baseline runs here in every executor: each chain starts from its saved model.
-            if todo and not todo[0].steps:
-                progress.start(todo[0].name)
-                self._record(self.run_experiment(todo.pop(0)))
-            if executor == "ray" and todo:
-                from .executors import run_on_ray
+                self._start_tracking()
+            try:
+                return self._run_experiments(executor, address)
+            finally:
+                if self.tracking is not None:
+                    self.tracking.finish()
+                    self.tracking = None
 
-                run_on_ray(self, todo, address, self._record)
-            else:
-                for exp in todo:
-                    progress.start(exp.name)
-                    self._record(self.run_experiment(exp))
-            dist.barrier()
-            rows = load_rows(self.results_path)
-            if not dist.is_main():
-                return StudyResult(self.run_dir, rows, {})
-            wanted = {self.recipe.baseline.name, *(e.name for e in self.recipe.experiments)}
-            every, rows = rows, [r for r in rows if r.get("name") in wanted]
-            if _set_notes(rows, {e.name: e.note for e in self.recipe.experiments if e.note}):
-                write_rows(self.results_path, every)  # the recipe's notes, also for rows finished before
-            if self.recipe.measure.interleave and needs_retime(rows):
-                # Updates the dicts of `rows` in place (they are also in `every`); then every row goes back.
-                retime_rows(rows, self.run_dir, self._example(), self.recipe.measure, log=self.log)
-                write_rows(self.results_path, every)
-            meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
-                    "dataset": self.recipe.data.name, **self._data_meta()}
-            report = render_run(self.run_dir, rows, meta)
+    def _run_experiments(self, executor: str, address: str | None) -> StudyResult:
+        todo = self.pending()
+        progress = _Progress(len(todo), self.log)
+        # The baseline runs here in every executor: each chain starts from its saved model.
+        if todo and not todo[0].steps:
+            progress.start(todo[0].name)
+            self._record(self.run_experiment(todo.pop(0)))
+        if executor == "ray" and todo:
+            from .executors import run_on_ray
+
+            run_on_ray(self, todo, address, self._record)
+        else:
+            for exp in todo:
+                progress.start(exp.name)
+                self._record(self.run_experiment(exp))
+        dist.barrier()
+        rows = load_rows(self.results_path)
+        if not dist.is_main():
+            return StudyResult(self.run_dir, rows, {})
+        wanted = {self.recipe.baseline.name, *(e.name for e in self.recipe.experiments)}
+        every, rows = rows, [r for r in rows if r.get("name") in wanted]
+        if _set_notes(rows, {e.name: e.note for e in self.recipe.experiments if e.note}):
+            write_rows(self.results_path, every)  # the recipe's notes, also for rows finished before
+        if self.recipe.measure.interleave and needs_retime(rows):
+            # Updates the dicts of `rows` in place (they are also in `every`); then every row goes back.
+            retime_rows(rows, self.run_dir, self._example(), self.recipe.measure, log=self.log)
+            write_rows(self.results_path, every)
+        if self.tracking is not None:  # the final numbers, after the speed pass
+            for row in rows:
+                self.tracking.log_row(row)
+        meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
+                "dataset": self.recipe.data.name, **self._data_meta()}
+        report = render_run(self.run_dir, rows, meta)
         return StudyResult(self.run_dir, rows, report)
+
+    def _start_tracking(self) -> None:
+        """Start the recipe's trackers, the recipe as their parameters; nothing is imported when there are none."""
+        names = self.recipe.tracking.names()
+        if not names:
+            return
+        from ..track import Tracking
+
+        params = {"recipe": self.recipe.name, "seed": self.recipe.seed, "data": to_dict(self.recipe.data),
+                  "baseline": to_dict(self.recipe.baseline), "measure": to_dict(self.recipe.measure),
+                  "experiments": {e.name: [s.to_dict() for s in e.steps] for e in self.recipe.experiments},
+                  "run_key": self.run_key}
+        self.tracking = Tracking(names, self.run_dir, f"{self.recipe.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}",
+                                 self.recipe.tracking.project or self.recipe.name, params)
+        self.log(f"tracking: {', '.join(names)} (in {self.run_dir / 'tracking'} unless configured otherwise)")
 
 
 class _Progress:

@@ -202,11 +202,13 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     extra_modules: tuple[nn.Module, ...] = (),
+    train_log: Any = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_ds`` (a split in memory or streamed, see ``vitcompress.data``); resume from
     ``work_dir`` if a checkpoint is there.
 
-    ``extra_modules`` (a teacher, say) are moved to the training device but not trained.
+    ``extra_modules`` (a teacher, say) are moved to the training device but not trained. ``train_log``
+    (a ``vitcompress.track.TrainLog``) gets each step's loss and learning rate and each epoch's end.
     Returns the trained model on CPU, in eval mode.
     """
     from tqdm.auto import tqdm
@@ -298,12 +300,17 @@ def fit(
             step += 1
             loss_sum += loss.detach() * len(y)
             seen += len(y)
+            if train_log is not None and accelerator.is_main_process:
+                train_log.step(step, loss.item(), lr)
             if i % 20 == 0 or i == per_epoch - 1:
                 bar.set_postfix(loss=f"{(loss_sum / max(seen, 1)).item():.4f}", lr=f"{lr:.2e}")
             bar.update(1)
         bar.close()
         epoch_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(1, seen * world)
         history.append({"epoch": epoch + 1, "loss": epoch_loss, "lr": lr})
+        if train_log is not None and accelerator.is_main_process:
+            train_log.epoch(epoch + 1, accelerator.unwrap_model(model), epoch_loss)
+            model.train()
         if accelerator.is_main_process:
             _save_checkpoint(ckpt_path, accelerator.unwrap_model(model), opt, epoch + 1, step, history,
                              seconds_before + time.perf_counter() - t0)
