@@ -302,3 +302,21 @@ def test_speed_pass_retimes_rows_interleaved_with_the_baseline(tmp_path) -> None
     run_study(parse_recipe(d), tmp_path / "run", progress=False, log=log.append)
     assert not any("speed pass" in line for line in log)
     assert read_results(tmp_path / "run" / "results.jsonl") == list(rows.values())
+
+
+def test_progress_line_paces_the_time_left_on_the_rows_not_the_baseline(monkeypatch) -> None:
+    from vitcompress.study import runner
+
+    clock = iter([0.0, 0.0, 300.0, 310.0, 320.0])  # baseline trains 300 s, then rows of 10 s each
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    progress = runner._Progress(4, lines.append)
+    progress.start("Vanilla ViT", baseline=True)
+    progress.start("row 1")
+    progress.start("row 2")
+    progress.start("row 3")
+    assert lines[0] == "▶ [1/4] Vanilla ViT  (0m00s elapsed)"
+    assert lines[1] == "▶ [2/4] row 1  (5m00s elapsed)"  # no pace yet: nothing after the baseline has finished
+    # One row took 10 s; two experiments are left counting this one: ~20 s (the baseline's 300 s would say ~8 min).
+    assert lines[2] == "▶ [3/4] row 2  (5m10s elapsed, ~0m20s left)"
+    assert lines[3] == "▶ [4/4] row 3  (5m20s elapsed, ~0m10s left)"

@@ -639,7 +639,7 @@ class Study:
         progress = _Progress(len(todo), self.log)
         # The baseline runs here in every executor: each chain starts from its saved model.
         if todo and not todo[0].steps:
-            progress.start(todo[0].name)
+            progress.start(todo[0].name, baseline=True)
             self._record(self.run_experiment(todo.pop(0)))
         if executor == "ray" and todo:
             from .executors import run_on_ray
@@ -686,17 +686,28 @@ class Study:
 
 
 class _Progress:
-    """The study's overall progress line: experiment k of n, time elapsed, and the time left at the pace so far."""
+    """The study's overall progress line: experiment k of n, time elapsed, and the time left at the pace of the
+    experiments so far (the baseline's training left out: it is no guide to the rows after it)."""
 
     def __init__(self, total: int, log: Callable[[str], None]) -> None:
         self.total, self.log, self.done = total, log, 0
         self.t0 = time.perf_counter()
+        self.rows_from: float | None = None  # when the first experiment after the baseline started
+        self.rows_done = 0
 
-    def start(self, name: str) -> None:
-        elapsed = time.perf_counter() - self.t0
-        left = f", ~{_clock(elapsed / self.done * (self.total - self.done))} left" if self.done else ""
+    def start(self, name: str, baseline: bool = False) -> None:
+        now = time.perf_counter()
+        if not baseline:
+            if self.rows_from is None:
+                self.rows_from = now
+            else:
+                self.rows_done += 1  # the row before this one has finished
+        left = ""
+        if self.rows_done and self.rows_from is not None:
+            pace = (now - self.rows_from) / self.rows_done
+            left = f", ~{_clock(pace * (self.total - self.done))} left"
         self.done += 1
-        self.log(f"▶ [{self.done}/{self.total}] {name}  ({_clock(elapsed)} elapsed{left})")
+        self.log(f"▶ [{self.done}/{self.total}] {name}  ({_clock(now - self.t0)} elapsed{left})")
 
 
 def _clock(seconds: float) -> str:
