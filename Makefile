@@ -6,12 +6,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+DEMO_STAMP := $(VENV)/.installed-demo
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# What `make` installs: the runtimes the demo measures on (OpenVINO), search, the Hugging Face path,
-# experiment tracking and the tests. Not diffq (CC BY-NC 4.0, non-commercial: pip install -e '.[diffq]'),
-# not ray (pip install -e '.[ray]').
+# What `make demo` installs: the library and the runtimes the demo measures on (PyTorch, ONNX Runtime,
+# OpenVINO). `make test` adds search, the Hugging Face path, experiment tracking and the test tools
+# (0.8 GB more). Neither installs diffq (CC BY-NC 4.0, non-commercial: pip install -e '.[diffq]') or
+# ray (pip install -e '.[ray]').
+DEMO_EXTRAS ?= openvino
 EXTRAS ?= test,openvino,search,hf,tracking
 # PyTorch's CPU-only wheels: on a machine without an NVIDIA GPU, torch and torchvision come from here
 # when it answers (a few hundred MB instead of several GB of CUDA libraries); else from the usual index.
@@ -20,7 +23,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
 .PHONY: demo test data venv lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(DEMO_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && curl -fsI --max-time 5 $(TORCH_CPU_INDEX)/torch/ >/dev/null 2>&1; then \
 		echo "no NVIDIA GPU: installing the CPU build of torch from $(TORCH_CPU_INDEX)"; \
@@ -29,6 +32,10 @@ $(STAMP): pyproject.toml constraints.txt
 			"torchvision==$$(sed -n 's/^torchvision==//p' constraints.txt)+cpu" \
 			|| echo "the CPU build could not be installed; the default build is used"; \
 	fi
+	$(PIP) -e '.[$(DEMO_EXTRAS)]'
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
 	$(PIP) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
@@ -41,7 +48,7 @@ $(FMNIST):
 
 data: $(FMNIST)
 
-demo: venv data
+demo: $(DEMO_STAMP) data
 	$(VENV)/bin/vitcompress study quick --out runs/quick
 	@echo "report: runs/quick/report.md and runs/quick/report.html (plots in runs/quick/plots/)"
 
