@@ -194,6 +194,12 @@ def test_markdown_meta_and_env_fallback(rows: list[dict[str, Any]]) -> None:
     # meta beats env when both say something.
     how = _section(render_markdown(rows, meta={"hardware": "Given CPU"}), "How this was measured")
     assert "- **Hardware**: Given CPU" in how and "Test CPU 9000" not in how
+    # The instruction sets the kernels pick between are named, AMX's absence on x86 included.
+    for isa, shown in ((["avx2", "avx512f", "avx512_vnni"], "Test CPU 9000 (AVX512, avx2, avx512f, avx512_vnni, no AMX)"),
+                       (["avx2", "amx_tile", "amx_int8"], "Test CPU 9000 (AVX512, avx2, amx_tile, amx_int8)"),
+                       (["asimd", "i8mm"], "Test CPU 9000 (AVX512, asimd, i8mm)")):
+        described = [dict(row, env=dict(row["env"], cpu_capability="AVX512", cpu_isa=isa)) for row in rows]
+        assert f"- **Hardware**: {shown}" in _section(render_markdown(described), "How this was measured")
 
 
 def test_markdown_details_table_and_optional_top5(rows: list[dict[str, Any]]) -> None:

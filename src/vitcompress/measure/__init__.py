@@ -223,22 +223,32 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16",
+              "amx_int8", "asimd", "sve", "bf16", "i8mm")
+
+
 def environment(threads: int) -> dict[str, Any]:
     """What the numbers were measured on."""
     import timm
 
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
     return {
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # The instructions int8 and bf16 kernels choose between: the same model name has been seen with
+        # and without AMX, and the speed-ups of int8 rows differ by several times between them.
+        "cpu_isa": [flag for flag in _ISA_FLAGS if flag in flags],
         "cores_available": available_cores(),
         "threads": threads,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -405,6 +405,12 @@ def _filled_meta(meta: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any
     first_ok = next((row for row in rows if is_ok(row)), {})
     env = first_ok.get("env") if isinstance(first_ok.get("env"), Mapping) else {}
     hardware = env.get("cpu")
+    if hardware and (env.get("cpu_capability") or env.get("cpu_isa")):
+        isa = [env["cpu_capability"]] if env.get("cpu_capability") else []
+        isa += [str(flag) for flag in env.get("cpu_isa") or ()]
+        if "avx2" in isa and not any(str(flag).startswith("amx") for flag in isa):
+            isa.append("no AMX")  # x86: say it, as int8 and bf16 speed-ups hinge on it
+        hardware = f"{hardware} ({', '.join(isa)})"
     if hardware and env.get("gpu"):
         hardware = f"{hardware} + {env['gpu']}"
     fallbacks = {
@@ -418,6 +424,8 @@ def _filled_meta(meta: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any
     for key, value in fallbacks.items():
         if key not in filled and value is not None:
             filled[key] = value
+    if filled.get("data") == filled.get("dataset"):
+        filled.pop("data", None)  # a bundled dataset describes itself by its name: one line, not two
     return filled
 
 
