@@ -50,7 +50,6 @@ data: $(FMNIST)
 
 demo: $(DEMO_STAMP) data
 	$(VENV)/bin/vitcompress study quick --out runs/quick
-	@echo "report: runs/quick/report.md and runs/quick/report.html (plots in runs/quick/plots/)"
 
 test: venv data
 	$(PY) -m pytest -q

@@ -1,6 +1,6 @@
 """report.html in a real browser: headless Chromium (Debian's, driven by Playwright) opens the file from disk,
 with no network, and the page must run without a console error, draw one point per row in each plot's
-SVG, and sort its table on a click. Skipped only where Chromium is absent (.ci/run installs it)."""
+SVG (and a ring over each point of its Pareto front), and sort its table on a click. Skipped only where Chromium is absent (.ci/run installs it)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,13 @@ def test_report_html_runs_offline_with_one_point_per_row(browser, tmp_path: Path
     finished = [r for r in rows if r.get("status", "ok") == "ok"]
     for plot in ("plot-size", "plot-speed"):
         points = page.eval_on_selector_all(f"#{plot} .scatterlayer .trace .points path.point", "els => els.length")
-        assert points == len(finished), plot
+        # One marker per row, plus a ring over each point of the plot's Pareto front (a trace of its own).
+        per_trace = page.evaluate(f"() => document.getElementById('{plot}').data.map(t => [t.name, t.x.length])")
+        rings = sum(n for name, n in per_trace if name == "Pareto front")
+        assert sum(n for name, n in per_trace if name != "Pareto front") == len(finished), plot
+        assert 1 <= rings < len(finished) and points == len(finished) + rings, (plot, points, rings)
+    # The facts a reader needs to trust the numbers, as in report.md: the CPU and its instruction sets.
+    assert "Hardware" in page.inner_text("ul.meta")
     assert not errors, errors
     assert all(url.startswith(("file:", "data:", "about:")) for url in requests), requests  # nothing fetched
     # Sorting: the accuracy column, descending after two clicks.

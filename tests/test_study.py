@@ -29,7 +29,7 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
 
 
-def test_study_writes_rows_artifacts_report_and_resumes(tmp_path) -> None:
+def test_study_writes_rows_artifacts_report_and_resumes(tmp_path, capsys) -> None:
     recipe = parse_recipe(tiny_recipe_dict())
     logs: list[str] = []
     res = run_study(recipe, tmp_path / "run", progress=False, log=logs.append)
@@ -55,6 +55,9 @@ def test_study_writes_rows_artifacts_report_and_resumes(tmp_path) -> None:
     before = {name: (tmp_path / "run" / name).read_text() for name in ("report.md", "results.csv")}
     assert "★" in before["report.md"] and "vitcompress study: " in before["report.md"]
     assert main(["report", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"report: {run / 'report.md'} and {run / 'report.html'} (plots in {run / 'plots'}/)")
     assert {name: (tmp_path / "run" / name).read_text() for name in before} == before
     # ... and from a copy without its artifacts, as committed under docs/results/.
     (tmp_path / "copy").mkdir()

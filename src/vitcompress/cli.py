@@ -46,7 +46,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         return 0
     if not args.quiet:
         console.print(render_terminal_table(result.rows))
-    console.print(f"report: {result.report['report']}")
+    console.print(_report_line(result.report))
     failed = [r["name"] for r in result.rows if r.get("status") == "failed"]
     if failed:
         print(f"{len(failed)} experiment(s) failed: {', '.join(failed)} (the report says why)", file=sys.stderr)
@@ -83,6 +83,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_line(paths: dict[str, Any]) -> str:
+    """Where a rendered run's report is: the Markdown, the HTML beside it, and the plots' folder."""
+    plots = f" (plots in {Path(paths['plots'][0]).parent}/)" if paths.get("plots") else ""
+    html = f" and {paths['html']}" if paths.get("html") else ""
+    return f"report: {paths['report']}{html}{plots}"
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import read_results
     from .study.runner import read_run_info, render_run
@@ -97,7 +104,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         info = {}
     meta = {key: info[key] for key in ("recipe", "command", "data", "classes", "inputs") if info.get(key)}
     paths = render_run(run_dir, read_results(run_dir / "results.jsonl"), meta)
-    print(f"report: {paths['report']}")
+    print(_report_line(paths))
     return 0
 
 

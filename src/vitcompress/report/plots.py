@@ -12,7 +12,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcompress.report.table import common_value, finite_number, is_ok, method_family, reference_row
+from vitcompress.report.table import (
+    BASELINE_COLOR,
+    common_value,
+    family_color,
+    finite_number,
+    is_ok,
+    method_family,
+    pareto_front_2d,
+    reference_row,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -43,30 +52,6 @@ def _overlap(a: Bbox, b: Bbox) -> float:
     width = min(a.x1, b.x1) - max(a.x0, b.x0)
     height = min(a.y1, b.y1) - max(a.y0, b.y0)
     return max(width, 0.0) * max(height, 0.0)
-
-
-# Point colours by the study's method family (the baseline is a red star).
-_FAMILY_COLORS: dict[str, str] = {
-    "Quantization (PTQ)": "tab:blue", "Quantization (QAT)": "tab:cyan", "Knowledge Distillation": "tab:green",
-    "Training (control)": "tab:olive", "Pruning": "tab:orange", "Pruning (token merging)": "tab:brown",
-    "Low-rank approximation": "tab:purple",
-}
-
-
-def _color(row: Mapping[str, Any]) -> str:
-    family = method_family(row).split(" + ")
-    return _FAMILY_COLORS.get(family[-1], "tab:gray")  # a chain: the colour of its last step
-
-
-def pareto_front_2d(points: Sequence[tuple[float, float, Any]], *, smaller_x_is_better: bool) -> list[int]:
-    """Indices of the points no other point beats on both axes (higher accuracy, and smaller or larger x)."""
-    front = []
-    for i, (x, y, _) in enumerate(points):
-        beaten = any((xo <= x if smaller_x_is_better else xo >= x) and yo >= y and (xo != x or yo != y)
-                     for j, (xo, yo, _) in enumerate(points) if j != i)
-        if not beaten:
-            front.append(i)
-    return front
 
 
 # Where a point's number may go, nearest first: offsets in points around it (rings of 8 directions).
@@ -184,25 +169,25 @@ def _figure_accuracy_vs(rows: Sequence[Mapping[str, Any]], x: str) -> Figure:
     ax.set_xlabel(x_label)
 
     # The front of this plot's two axes: nothing both more accurate and smaller (faster) than these.
-    front = pareto_front_2d([(p[0], p[1], p[2]) for p in points], smaller_x_is_better=x == "size_mb")
+    front = pareto_front_2d([(p[0], p[1]) for p in points], smaller_x_is_better=x == "size_mb")
     fx = sorted((points[i][0], points[i][1]) for i in front)
     if len(fx) > 1:
         ax.plot([p[0] for p in fx], [p[1] for p in fx], drawstyle="steps-post" if x == "size_mb" else "steps-pre",
                 color="0.35", linestyle="--", linewidth=0.9, zorder=2)
     for i, (xv, yv, row, _) in enumerate(points):
         if row is reference:
-            ax.scatter([xv], [yv], s=170, marker="*", color="tab:red", edgecolors="black" if i in front else "none",
-                       linewidths=0.8, zorder=4)
-            ax.axhline(yv, color="tab:red", linestyle=":", linewidth=1, alpha=0.6, zorder=1)
+            ax.scatter([xv], [yv], s=170, marker="*", color=BASELINE_COLOR,
+                       edgecolors="black" if i in front else "none", linewidths=0.8, zorder=4)
+            ax.axhline(yv, color=BASELINE_COLOR, linestyle=":", linewidth=1, alpha=0.6, zorder=1)
         else:
-            ax.scatter([xv], [yv], s=34, color=_color(row), edgecolors="black" if i in front else "none",
-                       linewidths=1.0, zorder=3)
+            ax.scatter([xv], [yv], s=34, color=family_color(method_family(row)),
+                       edgecolors="black" if i in front else "none", linewidths=1.0, zorder=3)
     families = []
     for _, _, row, _ in points:
         if row is not reference and method_family(row).split(" + ")[-1] not in families:
             families.append(method_family(row).split(" + ")[-1])
-    handles = [Line2D([], [], marker="*", linestyle="", markersize=11, color="tab:red", label="baseline")]
-    handles += [Line2D([], [], marker="o", linestyle="", color=_FAMILY_COLORS.get(f, "tab:gray"), label=f)
+    handles = [Line2D([], [], marker="*", linestyle="", markersize=11, color=BASELINE_COLOR, label="baseline")]
+    handles += [Line2D([], [], marker="o", linestyle="", color=family_color(f), label=f)
                 for f in families]
     handles.append(Line2D([], [], color="0.35", linestyle="--", marker="o", markerfacecolor="white",
                           markeredgecolor="black", label="Pareto front (these two axes)"))
@@ -214,7 +199,7 @@ def _figure_accuracy_vs(rows: Sequence[Mapping[str, Any]], x: str) -> Figure:
         col, line = divmod(k, per_column)
         key.text(col / columns, 1 - (line + 0.5) / per_column, f"{number:>2}  {row.get('name', '?')}",
                  transform=key.transAxes, fontsize=7.5, va="center", ha="left",
-                 color="tab:red" if row is reference else _color(row), fontfamily="monospace")
+                 color=BASELINE_COLOR if row is reference else family_color(method_family(row)), fontfamily="monospace")
     _place_numbers(fig, ax, [(p[0], p[1], p[2]) for p in points], [p[3] for p in points], reference)
 
     return fig

@@ -321,6 +321,33 @@ def method_family(row: Mapping[str, Any], *, short: bool = False) -> str:
     return ("+".join(names) if short else " + ".join(names)) or DASH
 
 
+# Point colours by the study's method family, the same in the PNG and the HTML plots (the baseline: red).
+BASELINE_COLOR = "#d62728"
+FAMILY_COLORS: dict[str, str] = {
+    "Quantization (PTQ)": "#1f77b4", "Quantization (QAT)": "#17becf", "Knowledge Distillation": "#2ca02c",
+    "Training (control)": "#bcbd22", "Pruning": "#ff7f0e", "Pruning (token merging)": "#8c564b",
+    "Low-rank approximation": "#9467bd",
+}  # fmt: skip
+OTHER_COLOR = "#7f7f7f"
+
+
+def family_color(family: str) -> str:
+    """The colour of a family; a chain ("Pruning + Quantization (PTQ)") takes its last step's."""
+    return FAMILY_COLORS.get(family.split(" + ")[-1], OTHER_COLOR)
+
+
+def pareto_front_2d(points: Sequence[tuple[float, float]], *, smaller_x_is_better: bool) -> list[int]:
+    """Indices of the (x, accuracy) points no other point beats on both axes (higher accuracy, and smaller or
+    larger x)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        beaten = any((xo <= x if smaller_x_is_better else xo >= x) and yo >= y and (xo != x or yo != y)
+                     for j, (xo, yo) in enumerate(points) if j != i)
+        if not beaten:
+            front.append(i)
+    return front
+
+
 def accuracy_se(top1: Any, n: Any) -> float | None:
     """The binomial standard error of a top-1 accuracy in percent measured on ``n`` images, in points."""
     p, count = finite_number(top1), finite_number(n)
@@ -399,7 +426,7 @@ def _md_table(headers: Sequence[str], right: Sequence[bool], body: Sequence[Sequ
     return lines
 
 
-def _filled_meta(meta: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def filled_meta(meta: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``meta`` plus what the rows themselves say about how they were measured."""
     filled = {key: value for key, value in (meta or {}).items() if value is not None}
     first_ok = next((row for row in rows if is_ok(row)), {})
@@ -429,19 +456,21 @@ def _filled_meta(meta: Mapping[str, Any] | None, rows: Sequence[Mapping[str, Any
     return filled
 
 
-def _meta_bullets(meta: Mapping[str, Any]) -> list[str]:
+def meta_items(meta: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) of each fact about a run, in the reports' order (Markdown and HTML list the same)."""
     ordered = [key for key in _META_LABELS if key in meta] + [key for key in meta if key not in _META_LABELS]
-    lines = []
+    items = []
     for key in ordered:
         value = meta[key]
         if isinstance(value, (Mapping, list, tuple)):
             value = json.dumps(value, default=str)
-        text = " ".join(str(value).split())
-        if key == "command":
-            text = f"`{text}`"
-        label = _META_LABELS.get(key, key.replace("_", " ").capitalize())
-        lines.append(f"- **{label}**: {text}")
-    return lines
+        items.append((_META_LABELS.get(key, key.replace("_", " ").capitalize()), " ".join(str(value).split())))
+    return items
+
+
+def _meta_bullets(meta: Mapping[str, Any]) -> list[str]:
+    return [f"- **{label}**: " + (f"`{text}`" if label == _META_LABELS["command"] else text)
+            for label, text in meta_items(meta)]
 
 
 def _how_measured(
@@ -578,7 +607,7 @@ def render_markdown(
     speed_ref = speed_reference(reference)
     finished = [row for row in rows if is_ok(row)]
     failed = [row for row in rows if not is_ok(row)]
-    filled = _filled_meta(meta, rows)
+    filled = filled_meta(meta, rows)
 
     out = [f"# {_md(title)}", "", "## How this was measured", "", _how_measured(filled, rows, reference), ""]
     bullets = _meta_bullets(filled)
