@@ -38,7 +38,8 @@ def test_dynamic_int8_file_holds_int8_weights_and_shrinks(tmp_path) -> None:
                                          "steps": [{"method": "ptq.dynamic", "config": to_dict(cfg),
                                                     "meta": out.meta}]})
     stored = stored_tensors(tmp_path / "int8")
-    int_keys = [k for k in stored if k.endswith("::int")]
+    # Each quantized tensor: its integers under its own name, its scales (and any zero points) beside.
+    int_keys = [k for k in stored if k + "::scale" in stored]
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     assert len(int_keys) == n_linear
     assert all(stored[k].dtype == torch.int8 for k in int_keys)
@@ -68,59 +69,82 @@ def test_per_tensor_option_as_in_the_study() -> None:
     assert w.qscheme() == torch.per_tensor_affine and w.int_repr().dtype == torch.int8
 
 
-def test_file_is_its_tensors_plus_a_small_index_and_old_files_still_load(tmp_path) -> None:
+def test_file_is_standard_safetensors_and_old_layouts_still_load(tmp_path) -> None:
+    import base64
     import json
     import struct
+    import zlib
 
-    from safetensors.torch import save_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     from vitcompress.artifact import WEIGHTS_FILE, _flatten, upgrade_artifact
+    from vitcompress.errors import VitcompressError
 
     spec, _, cfg, out = _quantized_quick()
     meta = {"model": spec.to_dict(), "steps": [{"method": "ptq.dynamic", "config": to_dict(cfg), "meta": out.meta}]}
     path = save_artifact(out.model, tmp_path / "new", meta, small_tensors="float16")
+    # Any safetensors reader gets the model's tensors by name, int8 weights as int8.
+    plain = load_file(str(path))
     stored = stored_tensors(tmp_path / "new")
+    assert plain.keys() == stored.keys() and all(torch.equal(plain[k], stored[k]) for k in plain)
+    qkv = "blocks.0.attn.qkv._packed_params._packed_params::0"
+    assert plain[qkv].dtype == torch.int8 and plain[qkv].shape == out.model.blocks[0].attn.qkv.weight().shape
+    assert torch.equal(plain[qkv], out.model.blocks[0].attn.qkv.weight().int_repr())
+    assert plain["pos_embed"].dtype == torch.float16 and plain["pos_embed"].shape == out.model.pos_embed.shape
+    # The size is the file's bytes: the header (names, shapes, the layout) and the tensors.
     header = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
     payload = sum(t.numel() * t.element_size() for t in stored.values())
     assert size_on_disk(tmp_path / "new") == header + payload
-    assert len(stored) > 60 and header < 1500  # the names of 60+ tensors cost well under 25 bytes each
+    assert len(stored) > 60 and header < 150 * len(stored)
     # Symmetric per-channel weights have all-zero zero points: they are not stored.
     assert not any(k.endswith("::zero_point") for k in stored)
-    assert sum(k.endswith("::scale") for k in stored) == sum(k.endswith("::int") for k in stored)
+    assert all(stored[k.removesuffix("::scale")].dtype == torch.int8 for k in stored if k.endswith("::scale"))
+    assert sum(k.endswith("::scale") for k in stored) == 17  # every Linear's (the patch conv keeps its own names)
 
-    # The earlier layout (one safetensors entry per tensor, JSON layout) still loads, to the same model.
+    # The first layout (one entry per tensor, integers as <name>::int, JSON layout) still loads, to the same model.
     tensors: dict[str, torch.Tensor] = {}
     layout: dict = {}
     for key, value in out.model.state_dict().items():
         _flatten(key, value, tensors, layout, "float16")
-    for key, entry in layout.items():  # earlier files stored the zero points, zeros included
-        if entry.pop("symmetric", False):
+    for key, entry in layout.items():
+        if entry["kind"].startswith("qtensor"):
+            tensors[key + "::int"] = tensors.pop(key)
+        if entry.pop("symmetric", False):  # earlier files stored the zero points, zeros included
             tensors[key + "::zero_point"] = torch.zeros(tensors[key + "::scale"].shape, dtype=torch.int8)
     (tmp_path / "old").mkdir()
     save_file({k: t.clone() for k, t in tensors.items()}, str(tmp_path / "old" / WEIGHTS_FILE),
               metadata={"vitcompress_layout": json.dumps(layout)})
     (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
-    assert size_on_disk(tmp_path / "old") > size_on_disk(tmp_path / "new") + 40 * len(stored)
+    # The second (one blob per dtype, zlib-compressed index) too.
+    parts: dict[torch.dtype, list[torch.Tensor]] = {}
+    index = []
+    for key, t in sorted(tensors.items()):
+        if key.endswith("::zero_point"):
+            continue
+        parts.setdefault(t.dtype, []).append(t.reshape(-1))
+        index.append([key, str(t.dtype).removeprefix("torch."), list(t.shape)])
+    packed = {"format": "2", "index": index, "layout": {k: dict(v, **({"symmetric": True} if k + "::zero_point" in
+                                                                       tensors else {})) for k, v in layout.items()}}
+    (tmp_path / "packed").mkdir()
+    save_file({str(d).removeprefix("torch."): torch.cat(ts) for d, ts in parts.items()},
+              str(tmp_path / "packed" / WEIGHTS_FILE),
+              metadata={"vitcompress_index": base64.b64encode(zlib.compress(json.dumps(packed).encode())).decode()})
+    (tmp_path / "packed" / "meta.json").write_text(json.dumps(meta))
     x = torch.randn(3, 1, 28, 28)
     with torch.inference_mode():
-        torch.testing.assert_close(load_artifact(tmp_path / "old")(x), load_artifact(tmp_path / "new")(x),
-                                   rtol=0, atol=0)
-    # A study finding such a file rewrites it in the packed layout: the very bytes a new save writes.
-    assert upgrade_artifact(tmp_path / "old") and not upgrade_artifact(tmp_path / "old")
-    assert (tmp_path / "old" / WEIGHTS_FILE).read_bytes() == path.read_bytes()
+        for old in ("old", "packed"):
+            torch.testing.assert_close(load_artifact(tmp_path / old)(x), load_artifact(tmp_path / "new")(x),
+                                       rtol=0, atol=0)
+    # A study finding such a file rewrites it in the standard layout: the very bytes a new save writes.
+    for old in ("old", "packed"):
+        assert upgrade_artifact(tmp_path / old) and not upgrade_artifact(tmp_path / old)
+        assert (tmp_path / old / WEIGHTS_FILE).read_bytes() == path.read_bytes()
 
-    # A file of another packed format is refused with a one-line reason, not misread.
-    import base64
-    import zlib
-
-    from safetensors import safe_open
-
-    from vitcompress.errors import VitcompressError
+    # A file of another format is refused with a one-line reason, not misread.
     with safe_open(str(path), "pt") as f:
-        blobs = {k: f.get_tensor(k) for k in f.keys()}
-        index = json.loads(zlib.decompress(base64.b64decode(f.metadata()["vitcompress_index"])))
-    index["format"] = "3"
-    save_file(blobs, str(path), metadata={"vitcompress_index": base64.b64encode(
-        zlib.compress(json.dumps(index).encode())).decode()})
-    with pytest.raises(VitcompressError, match="weights format '3'"):
+        header_json = json.loads(f.metadata()["vitcompress"])
+    header_json["format"] = "4"
+    save_file(plain, str(path), metadata={"vitcompress": json.dumps(header_json)})
+    with pytest.raises(VitcompressError, match="weights format '4'"):
         stored_tensors(tmp_path / "new")

@@ -16,14 +16,16 @@ reported number. Nothing is pickled: loading rebuilds
 the module structure from ``meta.json`` (the model spec and each method step's
 ``restore``) and fills it with plain tensors, so an artifact cannot run code.
 
-The weights file is a valid safetensors file with one 1-D tensor per storage
-dtype (``I8``, ``F16``, ...): the model's tensors laid end to end in name
-order. Which slice is which tensor (name, dtype, shape) is an index kept in the
-file's metadata, as zlib-compressed JSON. Written the plain safetensors way, one
-entry per tensor, the JSON header costs ~90 bytes a tensor: 16.5 kB of a 594 kB
-int8 file of the 184-tensor ``vitc_small``, 2.8% of it, which would be reported as
-model size although it is only names. Compressed, the same names cost ~1 kB.
-Files written the plain way by earlier versions still load.
+The weights file is a standard safetensors file: one entry per stored tensor, named after the
+model's state-dict entry, in its storage dtype, so ``safetensors.torch.load_file`` and any
+safetensors tool read it. An int8 weight is an ``I8`` tensor under the weight's own name, its
+scales (and zero points, unless all are zero) beside it as ``<name>::scale`` / ``::zero_point``;
+a byte-coded tensor is ``<name>::code`` (``U8``) with its two grid numbers as ``<name>::grid``;
+bit-packed low-bit weights are the ``U8`` buffers their modules hold. What a plain reader cannot
+guess (which entries are quantized, and how) is one JSON entry of the file's metadata. The size
+reported for a model is the bytes of this file, header and names included (~90 bytes a tensor).
+Files of the earlier layouts (format "1": one entry per tensor with ``<name>::int``; format "2":
+one blob per dtype with a zlib-compressed index) still load, and a study rewrites them in this one.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ META_FILE = "meta.json"
 # sha256 of the two files above, written last: a file edited, damaged or half-copied since is caught on load.
 CHECKSUMS_FILE = "checksums.json"
 _SEP = "::"
-_FORMAT = "2"  # tensors packed per dtype, compressed index (format "1": one safetensors entry per tensor)
+_FORMAT = "3"  # one standard safetensors entry per tensor, named after the model's (see the module doc)
+_META_KEY = "vitcompress"  # the file's one metadata entry: {"format": ..., "layout": ...} as JSON
 
 
 _F16_MAX = float(torch.finfo(torch.float16).max)
@@ -113,7 +116,7 @@ def _flatten(key: str, value: Any, tensors: dict[str, torch.Tensor], layout: dic
     float16 = small in ("float16", "uint8")
     if torch.is_tensor(value) and value.is_quantized:
         value = value.detach().cpu()
-        tensors[key + _SEP + "int"] = value.int_repr().contiguous()
+        tensors[key] = value.int_repr().contiguous()  # the integers under the tensor's own name
         if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             scales = value.q_per_channel_scales().to(torch.float32)
             half = float16 and _fits_float16(scales)
@@ -164,12 +167,12 @@ def _unflatten(key: str, layout: dict[str, Any], f: Any) -> Any:
     if kind == "tensor":
         return f.get_tensor(key)
     if kind == "qtensor_per_tensor":
-        ints = f.get_tensor(key + _SEP + "int")
+        ints = f.get_tensor(key)
         scale = float(f.get_tensor(key + _SEP + "scale")[0])
         zp = int(f.get_tensor(key + _SEP + "zero_point")[0])
         return _make_q(ints, entry["dtype"], scale=scale, zero_point=zp)
     if kind == "qtensor_per_channel":
-        ints = f.get_tensor(key + _SEP + "int")
+        ints = f.get_tensor(key)
         scales = f.get_tensor(key + _SEP + "scale").to(torch.float64)
         zps = (torch.zeros(scales.shape, dtype=torch.int64) if entry.get("symmetric")
                else f.get_tensor(key + _SEP + "zero_point").to(torch.int64))
@@ -293,17 +296,15 @@ def verify_artifact(art_dir: str | os.PathLike) -> bool:
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], layout: dict[str, Any], path: Path) -> None:
-    blobs, index = _pack(tensors)
-    packed_index = base64.b64encode(zlib.compress(json.dumps(
-        {"format": _FORMAT, "index": index, "layout": layout}, separators=(",", ":")).encode(), 9)).decode()
+    header = json.dumps({"format": _FORMAT, "layout": layout}, separators=(",", ":"), sort_keys=True)
     tmp = path.with_name(path.name + ".tmp")
     # One metadata entry: safetensors writes several in no fixed order, and equal models must give equal files.
-    save_file(blobs, str(tmp), metadata={"vitcompress_index": packed_index})
+    save_file(dict(sorted(tensors.items())), str(tmp), metadata={_META_KEY: header})
     os.replace(tmp, path)
 
 
 def upgrade_artifact(art_dir: str | os.PathLike) -> bool:
-    """Rewrite a weights file of the earlier one-entry-per-tensor layout in the packed one; True if it did.
+    """Rewrite a weights file of an earlier layout (format "1" or "2") in the standard one; True if it did.
 
     Bit-exact: the stored tensors are copied as stored (float16 stays float16), only the
     all-zero zero points of symmetric per-channel tensors are dropped.
@@ -311,7 +312,7 @@ def upgrade_artifact(art_dir: str | os.PathLike) -> bool:
     path = Path(art_dir) / WEIGHTS_FILE
 
     def rewrite(layout: dict[str, Any], f: Any) -> bool:
-        if isinstance(f, _Stored):
+        if not isinstance(f, _Legacy):
             return False
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         for key, entry in layout.items():
@@ -323,16 +324,6 @@ def upgrade_artifact(art_dir: str | os.PathLike) -> bool:
         write_checksums(path.parent)
         return True
     return _open(path, rewrite)
-
-
-def _pack(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[list[Any]]]:
-    """Lay the tensors of each storage dtype end to end: one 1-D blob per dtype, plus the index."""
-    parts: dict[torch.dtype, list[torch.Tensor]] = {}
-    index = []
-    for key, t in sorted(tensors.items()):  # name order: the same tensors always give the same file
-        parts.setdefault(t.dtype, []).append(t.reshape(-1))
-        index.append([key, str(t.dtype).removeprefix("torch."), list(t.shape)])
-    return {str(dtype).removeprefix("torch."): torch.cat(ts) for dtype, ts in parts.items()}, index
 
 
 # The index of a packed file, decompressed, at most (ViT-B's is ~15 kB; this allows some 40,000 tensors). A
@@ -383,6 +374,21 @@ class _Stored:
         return list(self.tensors)
 
 
+class _Legacy:
+    """A file of an earlier layout read under today's names: its quantized integers, stored as
+    ``<name>::int``, answer to ``<name>``."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.names = {name.removesuffix(_SEP + "int"): name for name in f.keys()}
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.f.get_tensor(self.names[key])
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
 def read_meta(art_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(art_dir) / META_FILE
     try:
@@ -405,16 +411,27 @@ def _open(path: Path, use: Any) -> Any:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            if "vitcompress_index" in metadata:
+            if _META_KEY in metadata:
+                if len(metadata[_META_KEY]) > MAX_INDEX_BYTES:
+                    raise ValueError("layout larger than any vitcompress writes")
+                header = json.loads(metadata[_META_KEY])
+                if not isinstance(header, dict) or header.get("format") != _FORMAT:
+                    found = header.get("format") if isinstance(header, dict) else None
+                    raise VitcompressError(f"{path} is in weights format {found!r}, not {_FORMAT!r}: written by "
+                                           "another vitcompress version; load it with that version")
+                if not isinstance(header.get("layout"), dict):
+                    raise ValueError("not a vitcompress layout")
+                return use(header["layout"], f)
+            if "vitcompress_index" in metadata:  # format "2": one blob per dtype
                 packed = _read_index(metadata["vitcompress_index"])
-                if packed.get("format") != _FORMAT:
+                if packed.get("format") != "2":
                     raise VitcompressError(f"{path} is in weights format {packed.get('format')!r}, not {_FORMAT!r}: "
                                            "written by another vitcompress version; load it with that version")
-                return use(packed["layout"], _Stored(f, packed["index"]))
-            layout = metadata["vitcompress_layout"]
+                return use(packed["layout"], _Legacy(_Stored(f, packed["index"])))
+            layout = metadata["vitcompress_layout"]  # format "1"
             if len(layout) > MAX_INDEX_BYTES:
                 raise ValueError("layout larger than any vitcompress writes")
-            return use(json.loads(layout), f)
+            return use(json.loads(layout), _Legacy(f))
     except VitcompressError:
         raise
     except FileNotFoundError:
@@ -434,10 +451,11 @@ def read_state(art_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def stored_tensors(art_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors as the file stores them, by name, in their storage dtype.
+    """The tensors as the file stores them, by name, in their storage dtype (what ``load_file`` returns).
 
-    Quantized tensors appear as their parts (``<name>::int``, ``::scale``, ...); this is
-    what a reader checks to see that integer weights are stored as integers.
+    A quantized tensor appears as its integers under its own name and its parts beside it
+    (``<name>::scale``, ...); this is what a reader checks to see that integer weights are
+    stored as integers.
     """
     return _open(Path(art_dir) / WEIGHTS_FILE, lambda layout, f: {k: f.get_tensor(k) for k in f.keys()})
 

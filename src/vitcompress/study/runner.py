@@ -321,8 +321,8 @@ class Study:
                          f"its chain (the changed copy is kept as {aside.name})")
             else:
                 if upgrade_artifact(art):
-                    self.log(f"  rewrote {art.name}/model.safetensors in the packed layout (same tensors, smaller "
-                             "index)")
+                    self.log(f"  rewrote {art.name}/model.safetensors in the standard safetensors layout (same "
+                             "tensors, one entry each)")
                 return load_artifact(art, verify=False), art
         t0 = time.perf_counter()
         if not steps:
