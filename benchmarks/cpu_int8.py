@@ -13,6 +13,10 @@ ratios between them come from the same rounds:
 * ``eager-fp32``: the timm model in PyTorch eager;
 * ``ov-fp32``, ``ov-bf16``: its ONNX export in OpenVINO with float inference precision f32 / bf16;
 * ``torch-dynamic-int8``: vitcompress's ``ptq.dynamic`` (``torch.ao`` dynamic int8 Linear layers);
+* ``torchao-dynamic-int8``: torchao's ``Int8DynamicActivationInt8WeightConfig`` (``quantize_``), the
+  maintained successor of ``torch.ao`` dynamic quantization, in eager PyTorch and under
+  ``torch.compile`` (``torchao-dynamic-int8-compiled``); whether integer kernels ran is read from the
+  profiler (an int8 GEMM op among the ops that ran); needs ``pip install torchao``;
 * ``ort-dynamic-int8``: ``onnxruntime.quantization.quantize_dynamic`` of the ONNX export in ONNX Runtime;
 * ``ov-nncf-int8``: ``nncf.quantize`` (``model_type=TRANSFORMER``) of the ONNX export read by OpenVINO,
   compiled with OpenVINO's defaults (bf16 float parts where the CPU has bf16);
@@ -64,8 +68,8 @@ from vitcompress.study.context import StepContext
 from vitcompress.train import TrainConfig
 
 ANCHOR_MODELS = ("vit_base_patch16_224", "deit_small_patch16_224", "deit_tiny_patch16_224")
-PATHS = ("eager-fp32", "ov-fp32", "ov-bf16", "torch-dynamic-int8", "ort-dynamic-int8", "ov-nncf-int8",
-         "ours-int8", "pruned-ours-int8")
+PATHS = ("eager-fp32", "ov-fp32", "ov-bf16", "torch-dynamic-int8", "torchao-dynamic-int8", "ort-dynamic-int8",
+         "ov-nncf-int8", "ours-int8", "pruned-ours-int8")
 # Our int8 variants: name -> (method, config). All keep our scales in the QDQ export.
 OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "static": ("ptq.static", {}),
@@ -90,6 +94,17 @@ class Deployment:
     variant: str | None = None
     flops: int | None = None  # per image, of the model this deployment runs
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _ops_that_ran(fn: Callable[[torch.Tensor], Any], example: torch.Tensor) -> set[str]:
+    """The names of the operators one call of ``fn`` ran, from the profiler (after a warm-up call, so a
+    compiled function's kernels, not its compilation, are what is read)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(example)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn(example)
+    return {event.key for event in prof.key_averages()}
 
 
 # ---- the int8 limit of this CPU -----------------------------------------------------------------------------
@@ -284,6 +299,23 @@ def build_deployments(model: nn.Module, spec: ModelSpec, calib: ImageTensorDatas
         return [Deployment("torch-dynamic-int8", "torch-dynamic-int8", "torch-eager-cpu", q,
                            uses_integer_kernels(q), flops=flops)]
     attempt("torch-dynamic-int8", torch_dynamic)
+
+    def torchao_dynamic() -> list[Deployment]:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        q = copy.deepcopy(model).eval()
+        quantize_(q, Int8DynamicActivationInt8WeightConfig())
+        compiled = torch.compile(q)
+        out = []
+        for name, fn in (("torchao-dynamic-int8", q), ("torchao-dynamic-int8-compiled", compiled)):
+            with torch.inference_mode():
+                ops = _ops_that_ran(fn, example)
+            int_ops = sorted(op for op in ops if any(tag in op for tag in ("_int_mm", "int8", "qlinear")))
+            out.append(Deployment(name, "torchao-dynamic-int8", "torch-compile-cpu" if fn is compiled else
+                                  "torch-eager-cpu", fn, bool(int_ops), flops=flops,
+                                  info={"integer_ops": int_ops}))
+        return out
+    attempt("torchao-dynamic-int8", torchao_dynamic)
 
     def ort_dynamic() -> list[Deployment]:
         from onnxruntime.quantization import QuantType, quantize_dynamic
