@@ -299,6 +299,8 @@ def test_cpu_int8_benchmark_smoke(tmp_path: Path) -> None:
     paths = ["eager-fp32", "torch-dynamic-int8", "ort-dynamic-int8", "ours-int8", "pruned-ours-int8"]
     if HAS_OPENVINO:
         paths += ["ov-fp32", "ov-bf16"] + (["ov-nncf-int8"] if importlib.util.find_spec("nncf") else [])
+    if importlib.util.find_spec("torchao"):  # the bench extra: torchao's dynamic int8, eager and compiled
+        paths.append("torchao-dynamic-int8")
     cmd = [sys.executable, str(CPU_INT8), "--models", "vitc_micro", "--paths", ",".join(paths), "--ours", "static",
            "--batch", "4", "--repeats", "1", "--warmup", "1", "--latency-samples", "3", "--min-repeat-seconds", "0",
            "--threads", "1", "--calib-images", "32", "--eval-images", "16", "--gemm-shapes", "128x128x128",
