@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from vitcompress.artifact import load_artifact
-from vitcompress.measure import _Threads, available_cores, environment
+from vitcompress.measure import Threads, available_cores, environment
 from vitcompress.measure.bench import paired_ratios, time_interleaved
 from vitcompress.measure.runtimes import as_module, deploy
 from vitcompress.study.results import load_rows
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batches:
         x = example[:1].repeat(b, 1, 1, 1)
         calls = {name: (lambda fn=fn, x=x: fn(x)) for name, fn in deps.items()}
-        with torch.inference_mode(), _Threads(threads):
+        with torch.inference_mode(), Threads(threads):
             seconds = time_interleaved(calls, warmup=2, repeats=args.repeats,
                                        min_repeat_seconds=args.min_repeat_seconds)
         result["batches"][b] = {

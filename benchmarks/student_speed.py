@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from vitcompress.errors import VitcompressError
-from vitcompress.measure import _Threads, available_cores, count_macs, environment
+from vitcompress.measure import Threads, available_cores, count_macs, environment
 from vitcompress.measure.bench import paired_ratios, time_interleaved
 from vitcompress.measure.runtimes import as_module, deploy
 from vitcompress.methods.distill.students import quarter_arch, vitc_deit, vitc_vit
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     deps = {k: as_module(deploy(args.runtime, m, example, threads, work / f"l{i}"))
             for i, (k, m) in enumerate(models.items())}
     calls = {k: (lambda fn=fn: fn(example)) for k, fn in deps.items()}
-    with torch.inference_mode(), _Threads(threads):
+    with torch.inference_mode(), Threads(threads):
         seconds = time_interleaved(calls, warmup=3, repeats=args.repeats, min_repeat_seconds=0.3)
 
     rows = {}

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from vitcompress.measure import _Threads, environment, runtimes
+from vitcompress.measure import Threads, environment, runtimes
 from vitcompress.measure.bench import load_target, paired_ratios, time_interleaved
 from vitcompress.measure.runtimes import as_module, deploy, installed
 
@@ -49,7 +49,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     batch = example.repeat(args.batch, 1, 1, 1)
     out: dict[str, Any] = {"model": args.model, "runtime": runtime, "copies": args.copies, "rounds": args.rounds,
                            "batch": args.batch, "threads": args.threads, "env": environment(args.threads), "schemes": {}}
-    with tempfile.TemporaryDirectory() as work, torch.inference_mode(), _Threads(args.threads):
+    with tempfile.TemporaryDirectory() as work, torch.inference_mode(), Threads(args.threads):
         def add(name: str, model: torch.nn.Module) -> None:
             dep = deploy(runtime, model, example, args.threads, Path(work) / name.replace(" ", "_"))
             fn = as_module(dep)

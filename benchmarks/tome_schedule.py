@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from vitcompress.data import load_split
-from vitcompress.measure import _Threads, available_cores, environment, evaluate_accuracy
+from vitcompress.measure import Threads, available_cores, environment, evaluate_accuracy
 from vitcompress.measure.bench import load_target, paired_ratios, time_interleaved
 from vitcompress.measure.runtimes import as_module, deploy
 from vitcompress.methods.prune.tome import TokenMergeConfig, apply_merging
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     deps = {k: as_module(deploy(args.runtime, m, example, threads, work / k.replace(",", "_").replace("=", "").replace(":", "_")))
             for k, m in models.items()}
     calls = {k: (lambda fn=fn: fn(example)) for k, fn in deps.items()}
-    with torch.inference_mode(), _Threads(threads):
+    with torch.inference_mode(), Threads(threads):
         seconds = time_interleaved(calls, warmup=3, repeats=args.repeats, min_repeat_seconds=0.3)
     speed = {k: paired_ratios(seconds["unmerged"], seconds[k]) for k in schedules}
 

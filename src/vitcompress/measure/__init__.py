@@ -76,7 +76,7 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-class _Threads:
+class Threads:
     """Fix torch's intra-op thread count for a block, then put it back."""
 
     def __init__(self, n: int) -> None:
@@ -159,7 +159,7 @@ def cpu_speed(model: nn.Module, example: torch.Tensor, cfg: MeasureConfig) -> di
     model = model.cpu().eval()
     batch = _repeat_to(example, cfg.batch_size)
     one = example[:1]
-    with _Threads(cfg.resolved_threads()):
+    with Threads(cfg.resolved_threads()):
         per_batch = _time_calls(lambda: model(batch), cfg.warmup, cfg.repeats, cfg.min_repeat_seconds)
         per_one = _time_calls(lambda: model(one), cfg.warmup, cfg.repeats, cfg.min_repeat_seconds)
         lat = []

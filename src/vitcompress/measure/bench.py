@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import check
 from ..errors import VitcompressError
-from . import _percentile, _repeat_to, _Threads, _time_calls, available_cores
+from . import Threads, _percentile, _repeat_to, _time_calls, available_cores
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -366,7 +366,7 @@ def run_bench(target: BenchTarget, cfg: BenchConfig, *, progress: bool = False) 
     n = max(max(cfg.batch_sizes), cfg.parity_images)
     x = torch.randn(n, target.in_chans, target.img_size, target.img_size, generator=g)
     entries: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="vitcompress-bench-") as tmp, _Threads(threads), torch.inference_mode():
+    with tempfile.TemporaryDirectory(prefix="vitcompress-bench-") as tmp, Threads(threads), torch.inference_mode():
         reference = model(x[: cfg.parity_images])
         macs = target.macs if target.macs is not None else _macs(model, x)
         onnx_dir = target.onnx_dir or Path(tmp)

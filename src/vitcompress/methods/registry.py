@@ -95,7 +95,7 @@ def register_method(
 
 
 def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
+    load_builtin_methods()
     if name not in METHODS:
         raise VitcompressError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))} (see `vitcompress list`)")
     return METHODS[name]
@@ -107,10 +107,11 @@ def parse_config(name: str, params: Any, where: str) -> Any:
 
 
 def list_methods() -> list[MethodSpec]:
-    _load_builtin_methods()
+    load_builtin_methods()
     return sorted(METHODS.values(), key=lambda m: (m.family, m.name))
 
 
-def _load_builtin_methods() -> None:
-    # Importing the families registers them; done lazily so the registry module stays import-light.
+def load_builtin_methods() -> None:
+    """Register the built-in method families (and the model presets they bring). Importing the families
+    registers them; done lazily so the registry module stays import-light."""
     from . import distill, lowrank, prune, quant  # noqa: F401

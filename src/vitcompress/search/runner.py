@@ -32,10 +32,11 @@ from ..config import key_dict
 from ..data import FileImages, ImageTensorDataset
 from ..errors import StorageError, VitcompressError, storage_fault
 from ..measure import evaluate_accuracy
-from ..study.recipe import Experiment, Recipe, _parse_steps
+from ..methods import parse_steps
+from ..study.recipe import Experiment, Recipe
 from ..study.results import append_row, load_rows
 from ..study.retime import needs_retime, retime_rows, write_rows
-from ..study.runner import Study, StudyResult, _RunLock
+from ..study.runner import RunLock, Study, StudyResult
 from .pareto import mark_pareto
 from .report import reference_img_s, speedup
 from .space import SearchConfig, suggest_steps
@@ -130,7 +131,7 @@ def _row_key(row: dict[str, Any]) -> str:
     a failed one as the raw ``{method: settings}`` proposed."""
     try:
         raw = [{s["method"]: s["config"]} if set(s) == {"method", "config"} else s for s in row["steps"]]
-        return _chain_key(_parse_steps(raw, "trial"))
+        return _chain_key(parse_steps(raw, "trial"))
     except (VitcompressError, KeyError, TypeError, ValueError):
         return json.dumps(row.get("params"), sort_keys=True, default=str)  # a row whose steps no longer parse
 
@@ -177,7 +178,7 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
     say = study.log
     trials_path = run_dir / TRIALS_FILE
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with _RunLock(run_dir):
+    with RunLock(run_dir):
         study._check_run_dir()
         study._repair_results()
         study._check_data()
@@ -204,7 +205,7 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
             trial = opt.ask()
             steps_raw = suggest_steps(trial, cfg)
             try:
-                steps = _parse_steps(steps_raw, f"trial {trial.number}")
+                steps = parse_steps(steps_raw, f"trial {trial.number}")
                 key = _chain_key(steps)
             except (VitcompressError, RuntimeError, ValueError):
                 steps, key = None, json.dumps(trial.params, sort_keys=True, default=str)  # fails below, recorded
@@ -222,7 +223,7 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
             t0 = time.perf_counter()
             try:
                 if steps is None:
-                    steps = _parse_steps(steps_raw, f"trial {trial.number}")
+                    steps = parse_steps(steps_raw, f"trial {trial.number}")
                 exp = Experiment(f"trial {trial.number}", steps)
                 say(f"▶ trial {trial.number}: {exp.method} {json.dumps(trial.params)}")
                 model, art = study._materialize(steps)
@@ -281,7 +282,7 @@ def _refit(recipe: Recipe, run_dir: Path, best: dict[str, Any], **kwargs: Any) -
     adds its row to the same folder."""
     raw = [{s["method"]: s["config"]} for s in best["steps"]]
     name = f"{REFIT_NAME}: trial {best['trial']}"
-    exp = Experiment(name, _parse_steps(raw, f"search refit (trial {best['trial']})"))
+    exp = Experiment(name, parse_steps(raw, f"search refit (trial {best['trial']})"))
     study_recipe = replace(recipe, name=f"{recipe.name}-refit", experiments=(exp,), search=None)
     return Study(study_recipe, run_dir / "refit", **kwargs).run()
 

@@ -109,7 +109,7 @@ def _fill(chain: list[Any], pick: Any) -> list[dict[str, Any]]:
 
 
 def parse_search(data: Any, where: str) -> SearchConfig:
-    from ..study.recipe import _parse_steps
+    from ..methods import parse_steps
 
     cfg = from_dict(SearchConfig, data, where)
     for i, chain in enumerate(cfg.chains):
@@ -123,7 +123,7 @@ def parse_search(data: Any, where: str) -> SearchConfig:
 
         _fill(chain, checked)
         for high in (False, True):
-            _parse_steps(_fill(chain, lambda n, d, high=high: _end(d, high)), w)
+            parse_steps(_fill(chain, lambda n, d, high=high: _end(d, high)), w)
     return cfg
 
 

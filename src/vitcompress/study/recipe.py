@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import LATE, check, from_dict, key_dict, to_dict
+from ..config import LATE, check, from_dict, key_dict
 from ..data import DATASETS, DataConfig
 from ..errors import VitcompressError, not_a_file
 from ..measure import MeasureConfig
-from ..methods import get_method, parse_config
+from ..methods import Step, get_method, load_builtin_methods, parse_steps
 from ..models import ModelSpec, input_shape, is_known_model, structure_of, unknown_model_error
 from ..models.arch import machine_memory, memory_need
 from ..track import TrackingConfig
@@ -54,19 +54,6 @@ class BaselineConfig:
             raise unknown_model_error(self.model)
         check(self.img_size is None or 8 <= self.img_size <= 1024, "img_size must be in [8, 1024]")
         check(self.in_chans in (None, 1, 3), "in_chans must be 1 or 3")
-
-
-@dataclass(frozen=True)
-class Step:
-    method: str
-    config: Any
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "config": to_dict(self.config)}
-
-    def key_dict(self) -> dict[str, Any]:
-        """What identifies the step's result (``config.key_dict``): cache keys and finished rows compare this."""
-        return {"method": self.method, "config": key_dict(self.config)}
 
 
 @dataclass(frozen=True)
@@ -124,30 +111,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _parse_steps(raw: Any, where: str) -> tuple[Step, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise VitcompressError(f"{where}: steps must be a non-empty list like [{{ptq.dynamic: {{}}}}]")
-    steps = []
-    for i, item in enumerate(raw):
-        w = f"{where}[{i}]"
-        if isinstance(item, str):
-            item = {item: {}}
-        if not isinstance(item, dict) or len(item) != 1:
-            raise VitcompressError(f"{w}: a step is one mapping 'method: {{settings}}', got {item!r}")
-        (name, params), = item.items()
-        if not isinstance(name, str):
-            raise VitcompressError(f"{w}: method name must be a string, got {name!r}")
-        steps.append(Step(name, parse_config(name, params, w)))
-    for i in range(1, len(steps)):
-        prev = get_method(steps[i - 1].method)
-        if prev.produces_int_weights:
-            raise VitcompressError(
-                f"{where}[{i}]: '{steps[i].method}' cannot follow '{prev.name}', which produced integer weights; "
-                "put quantization last"
-            )
-    return tuple(steps)
-
-
 def _parse_experiment(raw: Any, where: str) -> Experiment:
     if not isinstance(raw, dict):
         raise VitcompressError(f"{where}: an experiment is a mapping with 'name' and 'steps'")
@@ -169,14 +132,12 @@ def _parse_experiment(raw: Any, where: str) -> Experiment:
     note = raw.get("note") or ""
     if not isinstance(note, str):
         raise VitcompressError(f"{where}: 'note' must be a string (one line on how to read the row)")
-    return Experiment(name.strip(), _parse_steps(steps_raw, f"{where}.steps"), " ".join(note.split()))
+    return Experiment(name.strip(), parse_steps(steps_raw, f"{where}.steps"), " ".join(note.split()))
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     """A validated :class:`Recipe` from the mapping a YAML file holds."""
-    from ..methods.registry import _load_builtin_methods
-
-    _load_builtin_methods()  # method families also register model presets (e.g. distillation students)
+    load_builtin_methods()  # method families also register model presets (e.g. distillation students)
     if not isinstance(data, dict):
         raise VitcompressError(f"{source}: a recipe is a YAML mapping with keys {', '.join(sorted(_TOP_KEYS))}")
     unknown = set(data) - _TOP_KEYS

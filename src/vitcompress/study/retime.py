@@ -31,7 +31,7 @@ import torch
 
 from ..artifact import load_artifact
 from ..errors import VitcompressError
-from ..measure import _Threads
+from ..measure import Threads
 from ..measure.bench import latency_interleaved, paired_ratios, time_anchored
 from ..measure.runtimes import RUNTIMES, as_module, deploy
 from .results import add_warning
@@ -116,7 +116,7 @@ def retime_rows(rows: list[dict[str, Any]], run_dir: Path, example: torch.Tensor
             fns.update(deployments(row))
         calls = {key: (lambda fn=fn: fn(batch)) for key, fn in fns.items()}
         singles = {key: (lambda fn=fn: fn(one)) for key, fn in fns.items()}
-        with torch.inference_mode(), _Threads(threads):
+        with torch.inference_mode(), Threads(threads):
             per_batch, around = time_anchored(calls, anchor, warmup=cfg.warmup, repeats=cfg.repeats,
                                               min_repeat_seconds=cfg.min_repeat_seconds)
             latency = latency_interleaved(singles, cfg.latency_samples)

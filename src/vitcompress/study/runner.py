@@ -155,14 +155,14 @@ def _non_finite(row: dict[str, Any], prefix: str = "") -> list[str]:
     return bad
 
 
-class _RunLock:
+class RunLock:
     """One study per run folder at a time (a second would interleave rows and checkpoints)."""
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.path = run_dir / ".lock"
         self.enabled = enabled
 
-    def __enter__(self) -> _RunLock:
+    def __enter__(self) -> RunLock:
         if not self.enabled:  # the other processes of an `accelerate launch` study
             return self
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -618,7 +618,7 @@ class Study:
 
         dist.init_if_launched(resolve_mixed_precision(self.recipe.baseline.train.mixed_precision))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with _RunLock(self.run_dir, enabled=dist.is_main()):
+        with RunLock(self.run_dir, enabled=dist.is_main()):
             if dist.is_main():
                 self._check_run_dir()
                 self._repair_results()
