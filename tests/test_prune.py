@@ -621,3 +621,19 @@ def test_token_merging_before_the_first_block_shortens_every_block() -> None:
         get_method("tokens.merge").restore(copy.deepcopy(model), TokenMergeConfig(entry=16), out.meta)
     with pytest.raises(VitcompressError, match="entry must be >= 0"):
         from_dict(TokenMergeConfig, {"entry": -1}, "test")
+
+
+def test_the_prune_fine_tunes_soft_kd_loss_is_the_distillation_familys_formula() -> None:
+    from vitcompress.methods.prune.finetune import soft_kd_loss
+
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    loss = soft_kd_loss(teacher, temperature=2.0, alpha=0.7, label_smoothing=0.1)(student, x, y)
+    # By hand: alpha T^2 KL(softmax(t/T) || softmax(s/T)), averaged over the batch, plus (1 - alpha) CE.
+    p_t = F.softmax(teacher(x) / 2.0, dim=-1)
+    kl = (p_t * (p_t.log() - F.log_softmax(student(x) / 2.0, dim=-1))).sum(-1).mean()
+    expected = 0.7 * 4.0 * kl + 0.3 * F.cross_entropy(student(x), y, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert student.weight.grad is not None and teacher.weight.grad is None  # the teacher gets no gradient

@@ -1,10 +1,8 @@
 """Fine-tuning after a cut, optionally distilled from the unpruned model.
 
-The soft-target loss is Hinton et al.'s knowledge distillation:
-``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``; the T^2
-keeps the soft term's gradient on the scale of the hard one. It is written here
-because the distillation family has no shared loss yet; when it gains one, this
-should call it.
+The soft-target loss is the distillation family's (Hinton et al.'s knowledge distillation,
+:func:`~vitcompress.methods.distill.losses.soft_distillation_loss`):
+``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
 """
 
 from __future__ import annotations
@@ -12,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...train import LossFn
+from ..distill.losses import soft_distillation_loss
 
 
 def soft_kd_loss(teacher: nn.Module, *, temperature: float, alpha: float, label_smoothing: float) -> LossFn:
@@ -24,11 +22,9 @@ def soft_kd_loss(teacher: nn.Module, *, temperature: float, alpha: float, label_
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)
         with torch.no_grad():
-            target = F.log_softmax(teacher(x).float() / temperature, dim=-1)
-        soft = F.kl_div(F.log_softmax(logits.float() / temperature, dim=-1), target, log_target=True,
-                        reduction="batchmean") * temperature**2
-        hard = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        return alpha * soft + (1 - alpha) * hard
+            target = teacher(x)
+        return soft_distillation_loss(logits, target, y, alpha=alpha, tau=temperature,
+                                      label_smoothing=label_smoothing)
 
     return loss_fn
 
