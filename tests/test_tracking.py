@@ -45,6 +45,15 @@ def test_a_tiny_study_logged_to_tensorboard_and_mlflow_reads_back(tmp_path, monk
     top1 = acc.Scalars("row/Dynamic Quantization/top1")
     assert len(top1) == 1 and top1[0].value == pytest.approx(rows["Dynamic Quantization"]["top1"])
     assert {"row/Vanilla ViT/size_mb", "row/Vanilla ViT/cpu_img_s", f"row/{pruned}/cpu_speedup"} <= tags
+    # The speed-ups logged are the report's CPU speed-up column, row by row.
+    from vitcompress.report.table import main_cells, main_columns, reference_row, speed_reference
+
+    reference = reference_row(res.rows)
+    column = [h for h, _ in main_columns(speed_reference(reference))].index("CPU speed-up (×)")
+    for name in ("Vanilla ViT", "Dynamic Quantization", "Pruned (r=0.2)"):
+        shown = main_cells(rows[name], reference)[column]
+        logged = acc.Scalars(f"row/{metric_name(name)}/cpu_speedup")[0].value
+        assert f"{logged:.2f}×" == shown, (name, logged, shown)
 
     # MLflow: the runs, found by mlflow.search_runs in the run folder's store.
     mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'run' / 'tracking' / 'mlflow.db').resolve()}")

@@ -115,17 +115,14 @@ class Tracking:
         for tracker in self.trackers:
             tracker.log(values, step=step)
 
-    def log_row(self, row: Mapping[str, Any]) -> None:
-        """A finished row's metrics, under ``row/<its name>/``."""
+    def log_row(self, row: Mapping[str, Any], speed_ref: Any) -> None:
+        """A finished row's metrics, under ``row/<its name>/``; its CPU speed-up over ``speed_ref`` (the report's
+        ``speed_reference`` of the baseline) by the report's own rule."""
+        from .report.table import cpu_speedup, same_round_reference
+
         if row.get("status") != "ok":
             return
-        speedup = None
-        timing = row.get("speedup_paired") or {}
-        if row.get("baseline"):
-            speedup = 1.0
-        elif isinstance(timing, Mapping) and timing:
-            median = next(iter(timing.values()))
-            speedup = median.get("median") if isinstance(median, Mapping) else None
+        speedup = cpu_speedup(row, same_round_reference(row, speed_ref))
         values = {"top1": row.get("top1"), "size_mb": (row.get("size_bytes") or 0) / 1e6,
                   "cpu_img_s": row.get("cpu_img_s"), "cpu_img_s_b1": row.get("cpu_img_s_b1"),
                   "gpu_img_s": row.get("gpu_img_s"), "cpu_speedup": speedup, "params": row.get("params")}

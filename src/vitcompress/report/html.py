@@ -16,6 +16,7 @@ from typing import Any
 from vitcompress.report.table import (
     BASELINE_COLOR,
     DASH,
+    _fmt,
     accuracy_se,
     family_color,
     filled_meta,
@@ -115,7 +116,7 @@ def _figure(rows: Sequence[Mapping[str, Any]], reference: Any, value_of: Any, x_
             f"<b>{_e(row.get('name'))}</b>" + (" (Pareto front)" if i in front else ""),
             f"chain: {_e(steps)}", f"family: {_e(family)}",
             f"top-1: {y:.2f}%" + (f" ± {se:.2f}" if se is not None else ""),
-            f"size: {_fmt(row.get('size_bytes'), 1e6, 3)} MB", f"CPU: {_fmt(row.get('cpu_img_s'), 1, 1)} img/s",
+            f"size: {_fmt(row.get('size_bytes'), 3, scale=1e6)} MB", f"CPU: {_fmt(row.get('cpu_img_s'), 1)} img/s",
             f"runtime: {_e(row.get('runtime') or DASH)}"]))
     data = list(traces.values())
     order = sorted(front, key=lambda i: points[i][0])
@@ -134,11 +135,6 @@ def _figure(rows: Sequence[Mapping[str, Any]], reference: Any, value_of: Any, x_
               "yaxis": {"title": {"text": "Top-1 accuracy (%)"}}, "margin": {"l": 60, "r": 10, "t": 30, "b": 50},
               "legend": {"font": {"size": 11}}, "hovermode": "closest"}
     return {"data": data, "layout": layout}
-
-
-def _fmt(value: Any, scale: float, decimals: int) -> str:
-    number = finite_number(value)
-    return DASH if number is None else f"{number / scale:.{decimals}f}"
 
 
 def render_html(rows: list[dict[str, Any]], *, title: str = "vitcompress study",

@@ -60,7 +60,7 @@ _RINGS = [(r * math.cos(a), r * math.sin(a)) for r in (6, 11, 17, 24, 32, 42, 54
 
 
 def _place_numbers(fig: Figure, ax: Axes, points: Sequence[tuple[float, float, Any]], numbers: Sequence[str],
-                   reference: Any) -> list[Any]:
+                   reference: Any) -> None:
     """Put each point's number where it covers no marker, no other number and stays in the axes.
 
     Greedy, in display pixels, nearest free spot first; a number that lands away from its point gets a
@@ -78,11 +78,10 @@ def _place_numbers(fig: Figure, ax: Axes, points: Sequence[tuple[float, float, A
     for (px, py), (_, _, row) in zip(pixels, points, strict=True):
         radius = 8.0 if row is reference else 4.5
         markers.append(Bbox.from_extents(px - radius, py - radius, px + radius, py + radius))
-    taken = list(markers)
+    taken = list(markers)  # what a number must not cover: the markers, then the legend and the numbers placed
     legend = ax.get_legend()
     if legend is not None:
         taken.append(legend.get_window_extent(renderer))
-    placed = []
     order = sorted(range(len(points)), key=lambda i: points[i][2] is not reference)
     for index in order:
         xv, yv, _ = points[index]
@@ -108,8 +107,6 @@ def _place_numbers(fig: Figure, ax: Axes, points: Sequence[tuple[float, float, A
                 break
         assert best is not None
         taken.append(best[1])
-        placed.append(best[0])
-    return placed
 
 
 def _figure_accuracy_vs(rows: Sequence[Mapping[str, Any]], x: str) -> Figure:

@@ -339,13 +339,10 @@ def family_color(family: str) -> str:
 def pareto_front_2d(points: Sequence[tuple[float, float]], *, smaller_x_is_better: bool) -> list[int]:
     """Indices of the (x, accuracy) points no other point beats on both axes (higher accuracy, and smaller or
     larger x)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        beaten = any((xo <= x if smaller_x_is_better else xo >= x) and yo >= y and (xo != x or yo != y)
-                     for j, (xo, yo) in enumerate(points) if j != i)
-        if not beaten:
-            front.append(i)
-    return front
+    from ..search.pareto import pareto_mask  # the study's front rule, on these two axes
+
+    mask = pareto_mask([(-x if smaller_x_is_better else x, y) for x, y in points])
+    return [i for i, on_front in enumerate(mask) if on_front]
 
 
 def accuracy_se(top1: Any, n: Any) -> float | None:
@@ -357,13 +354,19 @@ def accuracy_se(top1: Any, n: Any) -> float | None:
     return 100 * math.sqrt(p * (1 - p) / count)
 
 
+def cpu_speedup(row: Mapping[str, Any], speed_ref: SpeedReference) -> float | None:
+    """The row's CPU speed-up over the reference (``same_round_reference`` of ``speed_ref``): the speed pass's
+    paired median where there is one, else the ratio of the speeds. The one rule the reports and trackers use."""
+    paired = paired_speedup(row, speed_ref.runtime)
+    return paired[1] if paired else _ratio(row.get("cpu_img_s"), speed_ref.img_s)
+
+
 def main_cells(row: Mapping[str, Any], reference: Mapping[str, Any] | None,
                 speed_ref: SpeedReference | None = None, *, with_se: bool = False) -> list[str]:
     """Plain-text cells of the main table, in ``main_columns(speed_ref, with_se=...)`` order."""
     ref = reference or {}
     speed_ref = same_round_reference(row, speed_ref or speed_reference(reference))
-    paired = paired_speedup(row, speed_ref.runtime)
-    speed_up = paired[1] if paired else _ratio(row.get("cpu_img_s"), speed_ref.img_s)
+    speed_up = cpu_speedup(row, speed_ref)
     size_ratio = _ratio(row.get("size_bytes"), ref.get("size_bytes"))
     method = str(row.get("name", DASH)) + (" ★" if row.get("pareto") else "")
     eager_runtime = next((k for k in row.get("speedup_paired") or {} if str(k).startswith("torch-eager")), None)

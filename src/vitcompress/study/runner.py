@@ -50,7 +50,7 @@ from ..data import (
     make_loader,
     open_source,
 )
-from ..errors import StorageError, VitcompressError, storage_fault
+from ..errors import VitcompressError, raise_if_storage
 from ..measure import (
     count_macs,
     count_params,
@@ -551,9 +551,7 @@ class Study:
                 raise VitcompressError(f"the measurement gave non-finite numbers ({', '.join(bad[:5])})")
             return row
         except Exception as exc:
-            fault = storage_fault(exc)
-            if fault is not None:  # the disk, not the method: no failed row, the next run retries
-                raise StorageError(self.run_dir, fault) from exc
+            raise_if_storage(exc, self.run_dir)  # the disk, not the method: no failed row, the next run retries
             if self.debug or not exp.steps or not isinstance(exc, (VitcompressError, RuntimeError, ValueError)):
                 raise
             msg = " ".join(str(exc).split())[:300]
@@ -570,10 +568,8 @@ class Study:
         try:
             append_row(self.results_path, row)
         except OSError as exc:
-            fault = storage_fault(exc)
-            if fault is None:
-                raise
-            raise StorageError(self.results_path, fault) from exc
+            raise_if_storage(exc, self.results_path)
+            raise
         status = (f"top1 {row['top1']:.2f}%  size {row['size_bytes'] / 1e6:.2f} MB  "
                   f"cpu {row['cpu_img_s']:.1f} img/s" if row["status"] == "ok" else
                   f"{'skipped' if row['status'] == 'skipped' else 'FAILED'}: {row['error']}")
@@ -662,8 +658,11 @@ class Study:
             retime_rows(rows, self.run_dir, self._example(), self.recipe.measure, log=self.log)
             write_rows(self.results_path, every)
         if self.tracking is not None:  # the final numbers, after the speed pass
+            from ..report.table import reference_row, speed_reference
+
+            speed_ref = speed_reference(reference_row(rows))
             for row in rows:
-                self.tracking.log_row(row)
+                self.tracking.log_row(row, speed_ref)
         meta = {"recipe": self.recipe.name, "command": " ".join(["vitcompress", *sys.argv[1:]]) or None,
                 "dataset": self.recipe.data.name, **self._data_meta()}
         report = render_run(self.run_dir, rows, meta)
