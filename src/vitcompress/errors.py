@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 
@@ -19,7 +20,7 @@ class VitcompressError(Exception):
 
 
 # errno values that mean "the storage refuses", not "this experiment is broken": ENOSPC, EDQUOT, EROFS.
-_STORAGE_ERRNOS = {28, 122, 30}
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 _STORAGE_WORDS = ("no space left on device", "disk quota exceeded", "read-only file system",
                   "file write failed")  # the last: torch's PytorchStreamWriter on a full disk
 
@@ -53,6 +54,13 @@ def storage_fault(exc: BaseException) -> str | None:
             return word if word != "file write failed" else "a file write failed (a full disk, most often)"
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return None
+
+
+def raise_if_storage(exc: BaseException, where: str | os.PathLike[str]) -> None:
+    """Raise `StorageError` (from ``exc``) when ``exc`` is the storage's fault: the disk, not the work, failed."""
+    fault = storage_fault(exc)
+    if fault is not None:
+        raise StorageError(where, fault) from exc
 
 
 def not_a_file(path: str | os.PathLike[str]) -> str | None:

@@ -30,7 +30,7 @@ import torch
 from ..artifact import load_artifact
 from ..config import key_dict
 from ..data import FileImages, ImageTensorDataset
-from ..errors import StorageError, VitcompressError, storage_fault
+from ..errors import VitcompressError, raise_if_storage
 from ..measure import evaluate_accuracy
 from ..methods import parse_steps
 from ..study.recipe import Experiment, Recipe
@@ -229,9 +229,7 @@ def run_search(recipe: Recipe, out_dir: str | Path | None = None, *, trials: int
                 model, art = study._materialize(steps)
                 row = study._measure(exp, model, art, time.perf_counter() - t0)
             except (VitcompressError, RuntimeError, ValueError) as exc:
-                fault = storage_fault(exc)
-                if fault is not None:  # the disk, not the chain: nothing recorded, the next run retries
-                    raise StorageError(run_dir, fault) from exc
+                raise_if_storage(exc, run_dir)  # the disk, not the chain: nothing recorded, the next run retries
                 msg = " ".join(str(exc).split())[:300]
                 say(f"  trial {trial.number} failed: {msg}")
                 append_row(trials_path, {"trial": trial.number, "name": f"trial {trial.number}", "status": "failed",
