@@ -282,6 +282,9 @@ def fit(
             with accelerator.autocast():
                 loss = loss_fn(model, x, y)
             finite = bool(torch.isfinite(loss.detach()))
+            # Read here, where the check above has already waited for it (after opt.step() it would wait for
+            # the backward pass and the update too).
+            logged_loss = loss.item() if train_log is not None else 0.0
             if world > 1:
                 # Every process must stop together: one that raised alone would leave the others
                 # waiting forever in the next gradient all-reduce.
@@ -301,7 +304,7 @@ def fit(
             loss_sum += loss.detach() * len(y)
             seen += len(y)
             if train_log is not None and accelerator.is_main_process:
-                train_log.step(step, loss.item(), lr)
+                train_log.step(step, logged_loss, lr)
             if i % 20 == 0 or i == per_epoch - 1:
                 bar.set_postfix(loss=f"{(loss_sum / max(seen, 1)).item():.4f}", lr=f"{lr:.2e}")
             bar.update(1)
