@@ -623,13 +623,13 @@ def test_token_merging_before_the_first_block_shortens_every_block() -> None:
         from_dict(TokenMergeConfig, {"entry": -1}, "test")
 
 
-def test_the_prune_fine_tunes_soft_kd_loss_is_the_distillation_familys_formula() -> None:
-    from vitcompress.methods.prune.finetune import soft_kd_loss
+def test_the_soft_kd_loss_of_the_prune_fine_tune_is_the_formula() -> None:
+    from vitcompress.methods.distill.losses import make_distill_loss  # what methods/prune/finetune.py calls
 
     torch.manual_seed(0)
     teacher, student = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
     x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
-    loss = soft_kd_loss(teacher, temperature=2.0, alpha=0.7, label_smoothing=0.1)(student, x, y)
+    loss = make_distill_loss("soft", teacher, alpha=0.7, tau=2.0, label_smoothing=0.1)(student, x, y)
     # By hand: alpha T^2 KL(softmax(t/T) || softmax(s/T)), averaged over the batch, plus (1 - alpha) CE.
     p_t = F.softmax(teacher(x) / 2.0, dim=-1)
     kl = (p_t * (p_t.log() - F.log_softmax(student(x) / 2.0, dim=-1))).sum(-1).mean()

@@ -28,14 +28,14 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if args.log_with:
         from dataclasses import replace
 
-        from .track import TRACKERS, TrackingConfig
+        from .track import TRACKERS
 
         names = [n.strip() for n in args.log_with.split(",") if n.strip()]
         bad = [n for n in names if n not in (*TRACKERS, "all")]
         if bad or not names:
             raise VitcompressError(f"--log-with takes {', '.join(TRACKERS)} or all (comma-separated); got "
                                    f"{args.log_with!r}")
-        recipe = replace(recipe, tracking=replace(recipe.tracking or TrackingConfig(), log_with=names))
+        recipe = replace(recipe, tracking=replace(recipe.tracking, log_with=names))
     # Piped output (CI logs, `| tee`) gets a table 120 columns wide instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 120)
     quiet = {"log": lambda message: None} if args.quiet else {}

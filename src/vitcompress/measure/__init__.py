@@ -231,12 +231,12 @@ def environment(threads: int) -> dict[str, Any]:
     """What the numbers were measured on."""
     import timm
 
-    cpu = platform.processor() or platform.machine()
+    cpu = unnamed = platform.processor() or platform.machine()
     flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
+                if line.startswith("model name") and cpu == unnamed:
                     cpu = line.split(":", 1)[1].strip()
                 elif line.startswith(("flags", "Features")):
                     flags = set(line.split(":", 1)[1].split())

@@ -243,8 +243,7 @@ def _timm_from_file(name: str, checkpoint: str, kwargs: dict[str, Any]) -> tuple
     from timm.models import adapt_input_conv, load_checkpoint
 
     path = Path(checkpoint).expanduser()
-    _read_state_dict(path)  # the one-line errors for a missing, unsafe or corrupt file
-    rows = checkpoint_head_classes(path)
+    rows = checkpoint_head_classes(path)  # reads the file: one-line errors for a missing, unsafe or corrupt one
     model = _timm_create(name, False, dict(kwargs))
     family_filter = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     own = model.state_dict()

@@ -1,32 +1,16 @@
 """Fine-tuning after a cut, optionally distilled from the unpruned model.
 
-The soft-target loss is the distillation family's (Hinton et al.'s knowledge distillation,
-:func:`~vitcompress.methods.distill.losses.soft_distillation_loss`):
-``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
+The soft-target loss is the distillation family's (``make_distill_loss("soft", ...)``, Hinton et al.'s
+knowledge distillation): ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from ...train import LossFn
-from ..distill.losses import soft_distillation_loss
-
-
-def soft_kd_loss(teacher: nn.Module, *, temperature: float, alpha: float, label_smoothing: float) -> LossFn:
-    """``loss_fn(model, x, y)`` for ``ctx.fit``: soft KD from ``teacher`` (run without gradients) plus CE."""
-
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
-        with torch.no_grad():
-            target = teacher(x)
-        return soft_distillation_loss(logits, target, y, alpha=alpha, tau=temperature,
-                                      label_smoothing=label_smoothing)
-
-    return loss_fn
+from ..distill.losses import make_distill_loss
 
 
 def finetune_overrides(ctx: Any, epochs: int, lr: float | None, subset: int | None = None) -> dict[str, Any]:
@@ -49,7 +33,7 @@ def finetune_overrides(ctx: Any, epochs: int, lr: float | None, subset: int | No
 def finetune(model: nn.Module, ctx: Any, *, epochs: int, lr: float | None, subset: int | None, distill: bool,
              temperature: float,
              alpha: float, teacher: nn.Module | None, desc: str) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Fine-tune through ``ctx.fit``; with ``distill`` the loss is :func:`soft_kd_loss` from ``teacher``."""
+    """Fine-tune through ``ctx.fit``; with ``distill`` the loss is soft KD from ``teacher``."""
     if epochs == 0:
         return model, []
     loss_fn = None
@@ -57,8 +41,8 @@ def finetune(model: nn.Module, ctx: Any, *, epochs: int, lr: float | None, subse
     if distill:
         if teacher is None:
             raise RuntimeError("distillation needs a teacher")  # the caller falls back to the unpruned model
-        loss_fn = soft_kd_loss(teacher, temperature=temperature, alpha=alpha,
-                               label_smoothing=ctx.baseline_train.label_smoothing)
+        loss_fn = make_distill_loss("soft", teacher, alpha=alpha, tau=temperature,
+                                    label_smoothing=ctx.baseline_train.label_smoothing)
         extra = (teacher,)
     result = ctx.fit(model, loss_fn=loss_fn, desc=desc, extra_modules=extra,
                      **finetune_overrides(ctx, epochs, lr, subset))

@@ -100,11 +100,16 @@ class DiffqConfig:
         check(self.train_subset is None or self.train_subset >= 1, "train_subset must be >= 1 or null")
 
 
+# diffq is opt-in: CC BY-NC 4.0 (non-commercial), archived upstream; the study skips its rows without it.
+MISSING_DIFFQ = ("diffq is not installed: it is CC BY-NC 4.0 (non-commercial) and opt-in; pip install "
+                 "'vitcompress[diffq]' to run this row")
+
+
 def _import_diffq() -> Any:
     try:
         import diffq
     except ImportError:
-        raise VitcompressError("qat.diffq needs the diffq package: pip install 'diffq==0.2.4'") from None
+        raise VitcompressError(MISSING_DIFFQ) from None
     return diffq
 
 
@@ -283,8 +288,7 @@ def export_packed(model: nn.Module, quantizer: Any, cfg: DiffqConfig) -> tuple[n
     produces_int_weights=True,
     supports=SWAPPABLE_LINEARS,
     requires=needs_swappable_linears,
-    package=("diffq", "diffq is not installed: it is CC BY-NC 4.0 (non-commercial) and opt-in; "
-                      "pip install 'vitcompress[diffq]' to run this row")
+    package=("diffq", MISSING_DIFFQ)
 )
 def diffq_qat(model: nn.Module, cfg: DiffqConfig, ctx: Any) -> StepOutput:
     model = copy.deepcopy(model).cpu()
